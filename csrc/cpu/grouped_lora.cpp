@@ -1,0 +1,157 @@
+// grouped_lora on CPU.
+//
+// Rows are grouped by adapter (a stable sort of the valid (row, slot) pairs), so each adapter's A and B are read
+// once per group however the ids are spread:
+//   shrink: h[p] = scale[id] * w[p] * (A[id] @ x[row(p)])   work items = (group, chunk of <= kChunk pairs)
+//   expand: y[row(p)] += B[id] @ h[p]                        work items = tiles of kTile output columns
+// Expand tiles are disjoint, so top-k rows that several groups add into need no atomics or locks.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "../common/grouped_lora_args.h"
+#include "loops.h"
+
+namespace lora_ops {
+namespace {
+
+using cpu::kTile;
+constexpr int64_t kChunk = 16;  // pairs per shrink work item: splits one long group over threads
+
+struct Group {
+  int64_t adapter, begin, end;  // [begin, end) indexes the sorted pair order
+};
+
+// Pairs p = row * k + slot whose id is a valid adapter, stable-sorted by id, and their runs of equal ids.
+void group_pairs(const int64_t* ids, int64_t P, int64_t N, std::vector<int64_t>& order, std::vector<Group>& groups) {
+  order.clear();
+  for (int64_t p = 0; p < P; ++p) {
+    if (ids[p] >= 0 && ids[p] < N) order.push_back(p);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  groups.clear();
+  for (int64_t i = 0; i < static_cast<int64_t>(order.size());) {
+    int64_t j = i + 1;
+    while (j < static_cast<int64_t>(order.size()) && ids[order[j]] == ids[order[i]]) ++j;
+    groups.push_back({ids[order[i]], i, j});
+    i = j;
+  }
+}
+
+// Pointer to `n` values of `src` in acc_t: the input itself when no conversion is needed, else `buf` filled.
+template <typename scalar_t, typename acc_t>
+const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t P = p.T * p.k, r = p.r, d_in = p.d_in, d_out = p.d_out, k = p.k;
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const scalar_t* A = p.lora_a.const_data_ptr<scalar_t>();
+  const scalar_t* B = p.lora_b.const_data_ptr<scalar_t>();
+  const int64_t* ids = p.ids.const_data_ptr<int64_t>();
+  const acc_t* scales = p.scales.defined() ? p.scales.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* weights = p.weights.defined() ? p.weights.const_data_ptr<acc_t>() : nullptr;
+
+  std::vector<int64_t> order;
+  std::vector<Group> groups;
+  group_pairs(ids, P, p.N, order, groups);
+  if (groups.empty() || r == 0) return;  // out is already zero
+
+  // ---- shrink ----
+  struct Item {
+    int64_t group, begin, end;
+  };
+  std::vector<Item> items;
+  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+    for (int64_t b = groups[g].begin; b < groups[g].end; b += kChunk) {
+      items.push_back({g, b, std::min(b + kChunk, groups[g].end)});
+    }
+  }
+  std::vector<acc_t> h(P * r);  // only valid pairs' rows are written and read
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+    constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> xbuf(convert ? kChunk * d_in : 0), abuf(convert ? d_in : 0);
+    std::vector<const acc_t*> xs(kChunk);
+    for (int64_t it = first; it < last; ++it) {
+      const Item& item = items[it];
+      const int64_t adapter = groups[item.group].adapter, n = item.end - item.begin;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t row = order[item.begin + j] / k;
+        xs[j] = as_acc(x + row * d_in, d_in, convert ? xbuf.data() + j * d_in : nullptr);
+      }
+      for (int64_t q = 0; q < r; ++q) {
+        const acc_t* a = as_acc(A + (adapter * r + q) * d_in, d_in, abuf.data());
+        acc_t dots[4];
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+          cpu::dot4(a, xs.data() + j, d_in, dots);
+          for (int64_t u = 0; u < 4; ++u) h[order[item.begin + j + u] * r + q] = dots[u];
+        }
+        for (; j < n; ++j) h[order[item.begin + j] * r + q] = cpu::dot1(a, xs[j], d_in);
+      }
+      // Fold scale and mixture weight into h, so expand is a plain rank-r update.
+      const acc_t s = scales ? scales[adapter] : acc_t(1);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pair = order[item.begin + j];
+        const acc_t f = weights ? s * weights[pair] : s;
+        for (int64_t q = 0; q < r; ++q) h[pair * r + q] *= f;
+      }
+    }
+  });
+
+  // ---- expand ----
+  // fp32/fp64 accumulate straight into the (zeroed) output; fp16/bf16 into an fp32 buffer converted at the end.
+  at::Tensor acc = std::is_same_v<scalar_t, acc_t> ? out : at::zeros({p.T, d_out}, out.options().dtype(
+                                                                                          c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* y = acc.mutable_data_ptr<acc_t>();
+  const int64_t n_tiles = (d_out + kTile - 1) / kTile;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
+    std::vector<acc_t> bt(r * kTile);  // B tile transposed to [r, kTile], zero-padded past d_out
+    for (int64_t tile = first; tile < last; ++tile) {
+      const int64_t o0 = tile * kTile, len = std::min(kTile, d_out - o0);
+      for (const Group& g : groups) {
+        const scalar_t* b = B + (g.adapter * d_out + o0) * r;  // rows o0.. of B[adapter], contiguous
+        std::fill(bt.begin(), bt.end(), acc_t(0));
+        for (int64_t o = 0; o < len; ++o) {
+          for (int64_t q = 0; q < r; ++q) bt[q * kTile + o] = static_cast<acc_t>(b[o * r + q]);
+        }
+        for (int64_t i = g.begin; i < g.end; ++i) {
+          const int64_t pair = order[i];
+          cpu::rank_update(h.data() + pair * r, bt.data(), r, len, y + (pair / k) * d_out + o0);
+        }
+      }
+    }
+  });
+  if (!acc.is_same(out)) out.copy_(acc);
+}
+
+at::Tensor grouped_lora_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            const at::Tensor& adapter_ids, const std::optional<at::Tensor>& scales,
+                            const std::optional<at::Tensor>& weights, bool check_ids) {
+  const GroupedLoraProblem p = prepare_grouped_lora(x, lora_a, lora_b, adapter_ids, scales, weights, check_ids);
+  at::Tensor out = at::zeros({p.T, p.d_out}, x.options());
+  if (p.T > 0 && p.d_out > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_lora_cpu",
+                                    [&] { grouped_lora_kernel<scalar_t>(p, out); });
+  }
+  return out.view(p.out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ops, CPU, m) { m.impl("grouped_lora", &grouped_lora_cpu); }
+
+}  // namespace lora_ops

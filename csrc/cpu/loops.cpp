@@ -1,0 +1,95 @@
+#include "loops.h"
+
+// Lane-wise accumulators let the compiler vectorise the reductions without -ffast-math.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define LORA_OPS_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define LORA_OPS_MULTIVERSION
+#endif
+// Inlined into each clone so the loop bodies are compiled for that clone's ISA.
+#define LORA_OPS_INLINE __attribute__((always_inline)) inline
+
+namespace lora_ops::cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+LORA_OPS_INLINE void dot4_impl(const T* a, const T* const* xs, int64_t n, T* out) {
+  const T* __restrict x0 = xs[0];
+  const T* __restrict x1 = xs[1];
+  const T* __restrict x2 = xs[2];
+  const T* __restrict x3 = xs[3];
+  T acc0[kLanes] = {}, acc1[kLanes] = {}, acc2[kLanes] = {}, acc3[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const T av = a[i + l];
+      acc0[l] += av * x0[i + l];
+      acc1[l] += av * x1[i + l];
+      acc2[l] += av * x2[i + l];
+      acc3[l] += av * x3[i + l];
+    }
+  }
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    s0 += acc0[l];
+    s1 += acc1[l];
+    s2 += acc2[l];
+    s3 += acc3[l];
+  }
+  for (; i < n; ++i) {
+    s0 += a[i] * x0[i];
+    s1 += a[i] * x1[i];
+    s2 += a[i] * x2[i];
+    s3 += a[i] * x3[i];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+template <typename T>
+LORA_OPS_INLINE T dot1_impl(const T* __restrict a, const T* __restrict x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * x[i + l];
+  }
+  T s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  for (; i < n; ++i) s += a[i] * x[i];
+  return s;
+}
+
+template <typename T>
+LORA_OPS_INLINE void rank_update_impl(const T* __restrict h, const T* __restrict bt, int64_t r, int64_t len,
+                             T* __restrict out) {
+  T acc[kTile] = {};
+  for (int64_t q = 0; q < r; ++q) {
+    const T hv = h[q];
+    const T* __restrict row = bt + q * kTile;
+    for (int64_t o = 0; o < kTile; ++o) acc[o] += hv * row[o];
+  }
+  for (int64_t o = 0; o < len; ++o) out[o] += acc[o];
+}
+
+}  // namespace
+
+LORA_OPS_MULTIVERSION void dot4(const float* a, const float* const* xs, int64_t n, float* out) {
+  dot4_impl(a, xs, n, out);
+}
+LORA_OPS_MULTIVERSION void dot4(const double* a, const double* const* xs, int64_t n, double* out) {
+  dot4_impl(a, xs, n, out);
+}
+LORA_OPS_MULTIVERSION float dot1(const float* a, const float* x, int64_t n) { return dot1_impl(a, x, n); }
+LORA_OPS_MULTIVERSION double dot1(const double* a, const double* x, int64_t n) { return dot1_impl(a, x, n); }
+LORA_OPS_MULTIVERSION void rank_update(const float* h, const float* bt, int64_t r, int64_t len, float* out) {
+  rank_update_impl(h, bt, r, len, out);
+}
+LORA_OPS_MULTIVERSION void rank_update(const double* h, const double* bt, int64_t r, int64_t len, double* out) {
+  rank_update_impl(h, bt, r, len, out);
+}
+
+}  // namespace lora_ops::cpu

@@ -1,0 +1,21 @@
+// Every lora_ops schema, declared once. Backends register implementations in cpu/ and cuda/.
+#include <torch/library.h>
+
+#ifdef LORA_OPS_PYTHON_MODULE
+#include <Python.h>
+// An empty Python module so that `import lora_ops._C` loads this library (and runs the registrations below).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(lora_ops, m) {
+  // y[t] = sum_j weights[t, j] * scales[id] * B[id] @ (A[id] @ x[t]),  id = adapter_ids[t, j], skipped when -1.
+  // adapter_ids has x's leading shape (one adapter per row) or that shape + [k] (top-k mixture).
+  m.def(
+      "grouped_lora(Tensor x, Tensor lora_a, Tensor lora_b, Tensor adapter_ids, Tensor? scales=None, "
+      "Tensor? weights=None, bool check_ids=True) -> Tensor");
+}

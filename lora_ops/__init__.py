@@ -1,0 +1,21 @@
+"""lora_ops: fast multi-LoRA ops for PyTorch.
+
+Importing the package loads the compiled library, which registers the ops under ``torch.ops.lora_ops``.
+"""
+
+from lora_ops import _C  # noqa: F401  (registers torch.ops.lora_ops.*)
+from lora_ops.ops import grouped_lora
+
+__all__ = ["grouped_lora", "cuda_built", "__version__"]
+__version__ = "0.1.0"
+
+
+def cuda_built() -> bool:
+    """True when the compiled library has CUDA kernels (it was built against a CUDA torch with nvcc)."""
+    return torch_has_cuda_kernel("grouped_lora")
+
+
+def torch_has_cuda_kernel(op: str) -> bool:
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_ops::{op}", "CUDA")

@@ -1,0 +1,92 @@
+"""Python entry points of the lora_ops ops: documented signatures, fake (meta) implementations for torch.compile.
+
+Argument checking lives in the C++ op itself (so direct ``torch.ops.lora_ops`` calls are just as safe); the fake
+implementations repeat the shape/dtype checks that do not need tensor values, so errors surface while tracing too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["grouped_lora"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def grouped_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    *,
+    scales: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """The LoRA delta of a batch in which every row picks its own adapter (or a weighted top-k of adapters).
+
+    ``y[t] = sum_j weights[t, j] * scales[id] * lora_b[id] @ (lora_a[id] @ x[t])`` with ``id = adapter_ids[t, j]``;
+    ``-1`` means no adapter (the row's delta is zero).
+
+    Args:
+        x: ``[..., d_in]`` float32 / float16 / bfloat16 / float64, any strides.
+        lora_a: ``[N, r, d_in]`` (PEFT ``lora_A.weight`` stacked), x's dtype.
+        lora_b: ``[N, d_out, r]`` (PEFT ``lora_B.weight`` stacked), x's dtype.
+        adapter_ids: int32/int64, ``x.shape[:-1]`` (one adapter per row) or ``x.shape[:-1] + (k,)`` (top-k).
+            For one adapter per sequence, expand the per-sequence ids over the sequence dimension.
+        scales: ``[N]`` per-adapter scale (``alpha / r``), default 1.
+        weights: mixture weights shaped like ``adapter_ids``, default 1.
+        check_ids: raise IndexError for ids outside ``[-1, N)`` (one reduction; a host sync on CUDA). With False
+            nothing is synchronised and invalid ids contribute nothing (never read out of bounds).
+
+    Returns:
+        ``[..., d_out]`` in x's dtype, accumulated in float32 (float64 for float64 inputs).
+    """
+    return torch.ops.lora_ops.grouped_lora.default(x, lora_a, lora_b, adapter_ids, scales, weights, check_ids)
+
+
+def _grouped_lora_check(x, lora_a, lora_b, adapter_ids, scales, weights) -> tuple:
+    """Value-free checks mirroring csrc/common/grouped_lora_args.cpp; returns the output shape."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"grouped_lora: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("grouped_lora: x must have shape [..., d_in], got a 0-d tensor")
+    if lora_a.dim() != 3:
+        raise ValueError(f"grouped_lora: lora_a must have shape [N, r, d_in], got {list(lora_a.shape)}")
+    if lora_b.dim() != 3:
+        raise ValueError(f"grouped_lora: lora_b must have shape [N, d_out, r], got {list(lora_b.shape)}")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"grouped_lora: {name} has dtype {t.dtype} but x has {x.dtype}")
+    if adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"grouped_lora: adapter_ids must be int32 or int64, got {adapter_ids.dtype}")
+    n, r, d_in = lora_a.shape
+    if d_in != x.shape[-1]:
+        raise ValueError(f"grouped_lora: lora_a must have shape [N, r, d_in] with d_in = {x.shape[-1]}, got {list(lora_a.shape)}")
+    if lora_b.shape[0] != n or lora_b.shape[2] != r:
+        raise ValueError(f"grouped_lora: lora_b must have shape [N, d_out, r] = [{n}, d_out, {r}], got {list(lora_b.shape)}")
+    lead = tuple(x.shape[:-1])
+    ids_shape = tuple(adapter_ids.shape)
+    if not (ids_shape == lead or (len(ids_shape) == len(lead) + 1 and ids_shape[:-1] == lead)):
+        raise ValueError(f"grouped_lora: adapter_ids must have shape x.shape[:-1] = {list(lead)} or x.shape[:-1] + [k], got {list(ids_shape)}")
+    if weights is not None:
+        if tuple(weights.shape) != ids_shape:
+            raise ValueError(f"grouped_lora: weights must have the shape of adapter_ids {list(ids_shape)}, got {list(weights.shape)}")
+        if not weights.dtype.is_floating_point:
+            raise TypeError(f"grouped_lora: weights must be a floating-point tensor, got {weights.dtype}")
+    if scales is not None:
+        if tuple(scales.shape) != (n,):
+            raise ValueError(f"grouped_lora: scales must have shape [N] = [{n}], got {list(scales.shape)}")
+        if not scales.dtype.is_floating_point:
+            raise TypeError(f"grouped_lora: scales must be a floating-point tensor, got {scales.dtype}")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("adapter_ids", adapter_ids), ("weights", weights), ("scales", scales)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"grouped_lora: {name} is on {t.device} but x is on {x.device}")
+    return lead + (lora_b.shape[1],)
+
+
+@torch.library.register_fake("lora_ops::grouped_lora")
+def _grouped_lora_fake(x, lora_a, lora_b, adapter_ids, scales=None, weights=None, check_ids=True):
+    return x.new_empty(_grouped_lora_check(x, lora_a, lora_b, adapter_ids, scales, weights))

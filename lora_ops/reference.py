@@ -1,0 +1,48 @@
+"""Pure-torch references of every lora_ops op: the ground truth the kernels are tested against.
+
+They favour clarity over speed and compute in float64 when asked (``compute_dtype``), so tests can measure the
+kernels' error and the reference's own error against the same exact answer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def grouped_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    *,
+    scales: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """y[t] = sum_j weights[t, j] * scales[id] * B[id] @ (A[id] @ x[t]) over slots j with id = adapter_ids[t, j] != -1.
+
+    Shapes: x [..., d_in], lora_a [N, r, d_in], lora_b [N, d_out, r], adapter_ids x.shape[:-1] or x.shape[:-1] + [k],
+    weights like adapter_ids, scales [N]. Returns [..., d_out] in x's dtype (computed in ``compute_dtype``, default
+    float32 for half types and x's dtype otherwise).
+    """
+    dt = compute_dtype or (torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    n, _, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
+    lead = x.shape[:-1]
+    k = 1 if adapter_ids.dim() == x.dim() - 1 else adapter_ids.shape[-1]
+    ids = adapter_ids.reshape(lead.numel(), k)
+    xs = x.reshape(-1, d_in).to(dt)
+    w = torch.ones(ids.shape, dtype=dt, device=x.device) if weights is None else weights.reshape(ids.shape).to(dt)
+    s = torch.ones(n, dtype=dt, device=x.device) if scales is None else scales.to(dt)
+    a, b = lora_a.to(dt), lora_b.to(dt)
+    y = torch.zeros(xs.shape[0], d_out, dtype=dt, device=x.device)
+    for j in range(k):
+        for i in ids[:, j].unique().tolist():
+            if not 0 <= i < n:  # -1 (and, with check_ids=False, any invalid id) adds nothing
+                continue
+            rows = (ids[:, j] == i).nonzero().squeeze(1)
+            h = xs[rows] @ a[i].T
+            y[rows] += (s[i] * w[rows, j, None]) * (h @ b[i].T)
+    return y.reshape(*lead, d_out).to(x.dtype)
