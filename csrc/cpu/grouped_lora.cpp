@@ -120,14 +120,13 @@ void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
   const int64_t n_tiles = (d_out + kTile - 1) / kTile;
   at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
     std::vector<acc_t> bt(r * kTile);  // B tile transposed to [r, kTile], zero-padded past d_out
-    for (int64_t tile = first; tile < last; ++tile) {
-      const int64_t o0 = tile * kTile, len = std::min(kTile, d_out - o0);
-      for (const Group& g : groups) {
-        const scalar_t* b = B + (g.adapter * d_out + o0) * r;  // rows o0.. of B[adapter], contiguous
-        std::fill(bt.begin(), bt.end(), acc_t(0));
-        for (int64_t o = 0; o < len; ++o) {
-          for (int64_t q = 0; q < r; ++q) bt[q * kTile + o] = static_cast<acc_t>(b[o * r + q]);
-        }
+    std::vector<acc_t> bbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kTile * r);
+    // Groups outside, tiles inside: each thread streams its contiguous slice of every B[adapter].
+    for (const Group& g : groups) {
+      for (int64_t tile = first; tile < last; ++tile) {
+        const int64_t o0 = tile * kTile, len = std::min(kTile, d_out - o0);
+        const acc_t* b = as_acc(B + (g.adapter * d_out + o0) * r, len * r, bbuf.data());
+        cpu::transpose_tile(b, r, len, bt.data());
         for (int64_t i = g.begin; i < g.end; ++i) {
           const int64_t pair = order[i];
           cpu::rank_update(h.data() + pair * r, bt.data(), r, len, y + (pair / k) * d_out + o0);

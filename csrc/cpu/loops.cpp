@@ -1,13 +1,12 @@
 #include "loops.h"
 
-// Lane-wise accumulators let the compiler vectorise the reductions without -ffast-math.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define LORA_OPS_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define LORA_OPS_MULTIVERSION
-#endif
-// Inlined into each clone so the loop bodies are compiled for that clone's ISA.
+// Lane-wise accumulators let the compiler vectorise the reductions without -ffast-math. Each loop is compiled
+// for the baseline ISA and, on x86-64, again for AVX2+FMA; the CPU's features pick one at run time.
 #define LORA_OPS_INLINE __attribute__((always_inline)) inline
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LORA_OPS_HAS_AVX2_CLONE 1
+#define LORA_OPS_AVX2 __attribute__((target("avx2,fma")))
+#endif
 
 namespace lora_ops::cpu {
 namespace {
@@ -75,21 +74,55 @@ LORA_OPS_INLINE void rank_update_impl(const T* __restrict h, const T* __restrict
   for (int64_t o = 0; o < len; ++o) out[o] += acc[o];
 }
 
+// Fixed 8x8 blocks give the compiler a shuffle-based transpose; edges fall back to scalar copies.
+template <typename T>
+LORA_OPS_INLINE void transpose_tile_impl(const T* __restrict b, int64_t r, int64_t len, T* __restrict bt) {
+  constexpr int64_t kB = 8;
+  const int64_t len8 = len - len % kB, r8 = r - r % kB;
+  for (int64_t o = 0; o < len8; o += kB) {
+    for (int64_t q = 0; q < r8; q += kB) {
+      T blk[kB][kB];
+      for (int64_t i = 0; i < kB; ++i)
+        for (int64_t j = 0; j < kB; ++j) blk[j][i] = b[(o + i) * r + q + j];
+      for (int64_t j = 0; j < kB; ++j)
+        for (int64_t i = 0; i < kB; ++i) bt[(q + j) * kTile + o + i] = blk[j][i];
+    }
+    for (int64_t q = r8; q < r; ++q)
+      for (int64_t i = 0; i < kB; ++i) bt[q * kTile + o + i] = b[(o + i) * r + q];
+  }
+  for (int64_t q = 0; q < r; ++q) {
+    for (int64_t o = len8; o < len; ++o) bt[q * kTile + o] = b[o * r + q];
+    for (int64_t o = len; o < kTile; ++o) bt[q * kTile + o] = T(0);
+  }
+}
+
 }  // namespace
 
-LORA_OPS_MULTIVERSION void dot4(const float* a, const float* const* xs, int64_t n, float* out) {
-  dot4_impl(a, xs, n, out);
+#ifdef LORA_OPS_HAS_AVX2_CLONE
+static bool use_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
 }
-LORA_OPS_MULTIVERSION void dot4(const double* a, const double* const* xs, int64_t n, double* out) {
-  dot4_impl(a, xs, n, out);
-}
-LORA_OPS_MULTIVERSION float dot1(const float* a, const float* x, int64_t n) { return dot1_impl(a, x, n); }
-LORA_OPS_MULTIVERSION double dot1(const double* a, const double* x, int64_t n) { return dot1_impl(a, x, n); }
-LORA_OPS_MULTIVERSION void rank_update(const float* h, const float* bt, int64_t r, int64_t len, float* out) {
-  rank_update_impl(h, bt, r, len, out);
-}
-LORA_OPS_MULTIVERSION void rank_update(const double* h, const double* bt, int64_t r, int64_t len, double* out) {
-  rank_update_impl(h, bt, r, len, out);
-}
+// NAME(PARAMS) runs NAME_impl(ARGS) compiled for AVX2+FMA when the CPU has them, else the baseline build.
+#define LORA_OPS_DISPATCH(RET, NAME, PARAMS, ARGS)                  \
+  namespace {                                                       \
+  LORA_OPS_AVX2 RET NAME##_avx2 PARAMS { return NAME##_impl ARGS; } \
+  }                                                                 \
+  RET NAME PARAMS { return use_avx2() ? NAME##_avx2 ARGS : NAME##_impl ARGS; }
+#else
+#define LORA_OPS_DISPATCH(RET, NAME, PARAMS, ARGS) \
+  RET NAME PARAMS { return NAME##_impl ARGS; }
+#endif
+
+LORA_OPS_DISPATCH(void, dot4, (const float* a, const float* const* xs, int64_t n, float* out), (a, xs, n, out))
+LORA_OPS_DISPATCH(void, dot4, (const double* a, const double* const* xs, int64_t n, double* out), (a, xs, n, out))
+LORA_OPS_DISPATCH(float, dot1, (const float* a, const float* x, int64_t n), (a, x, n))
+LORA_OPS_DISPATCH(double, dot1, (const double* a, const double* x, int64_t n), (a, x, n))
+LORA_OPS_DISPATCH(void, rank_update, (const float* h, const float* bt, int64_t r, int64_t len, float* out),
+                  (h, bt, r, len, out))
+LORA_OPS_DISPATCH(void, rank_update, (const double* h, const double* bt, int64_t r, int64_t len, double* out),
+                  (h, bt, r, len, out))
+LORA_OPS_DISPATCH(void, transpose_tile, (const float* b, int64_t r, int64_t len, float* bt), (b, r, len, bt))
+LORA_OPS_DISPATCH(void, transpose_tile, (const double* b, int64_t r, int64_t len, double* bt), (b, r, len, bt))
 
 }  // namespace lora_ops::cpu

@@ -1,0 +1,158 @@
+"""The one timing helper every lora_ops benchmark uses, plus the run's environment and measured read bandwidth.
+
+Timings are reported as median and inter-quartile range (robust on a shared machine where a neighbour's job can
+stall a few repetitions) and the minimum (the least-disturbed repetition). On CUDA each repetition is timed with
+CUDA events and preceded by zeroing a 256 MB buffer, so no repetition finds its operands still in L2.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = ["Timing", "time_fn", "synchronized", "read_bandwidth", "environment"]
+
+L2_FLUSH_BYTES = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of ``reps`` timed calls, in milliseconds; ``threads`` is torch's intra-op thread count."""
+
+    median_ms: float
+    iqr_ms: float
+    min_ms: float
+    reps: int
+    threads: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    device: str | torch.device = "cpu",
+    warmup: int = 3,
+    reps: int = 20,
+    flush_l2: bool = True,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``reps`` timed ones (CUDA events and an L2 flush on CUDA)."""
+    if reps < 1:
+        raise ValueError(f"time_fn: reps must be >= 1, got {reps}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        samples = _time_cuda(fn, device, reps, flush_l2)
+    else:
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+    q1, med, q3 = np.percentile(samples, [25, 50, 75])
+    return Timing(float(med), float(q3 - q1), float(min(samples)), reps, torch.get_num_threads())
+
+
+def _time_cuda(fn: Callable[[], Any], device: torch.device, reps: int, flush_l2: bool) -> list:
+    flush = _l2_flush_buffer(device) if flush_l2 else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize(device)
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()  # outside the events: evicts the operands without being timed
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    # Allocated once per device: larger than any current L2 (H100: 50 MB, H200: 60 MB).
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+
+def synchronized(fn: Callable[[], Any], device: str | torch.device) -> Callable[[], Any]:
+    """``fn`` followed by a device sync, for wall-clock timers (pytest-benchmark) on CUDA; ``fn`` itself on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def read_bandwidth(
+    device: str | torch.device = "cpu", *, nbytes: int = L2_FLUSH_BYTES, warmup: int = 2, reps: int = 10
+) -> dict:
+    """Measured read bandwidth: ``.sum()`` over a float32 tensor of ``nbytes`` (far larger than any cache).
+
+    Returns ``{"gbps": median GB/s (1e9 bytes/s), "bytes": nbytes, "method": ..., "timing": Timing dict}``.
+    """
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    # No L2 flush: the buffer itself is far larger than L2, so every pass already streams from memory.
+    t = time_fn(buf.sum, device=device, warmup=warmup, reps=reps, flush_l2=False)
+    return {"gbps": buf.numel() * 4 / (t.median_ms * 1e-3) / 1e9, "bytes": buf.numel() * 4,
+            "method": "float32 tensor .sum()", "timing": t.as_dict()}
+
+
+def environment(device: str | torch.device = "cpu") -> dict:
+    """What the numbers depend on: versions, processor, threads, date. No hostname or user name."""
+    import lora_ops
+
+    device = torch.device(device)
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device.type,
+        "torch": torch.__version__,
+        "lora_ops": lora_ops.__version__,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "arch": platform.machine(),
+        "cpu_model": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        env["peft"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu_name=props.name,
+            gpu_memory_gib=round(props.total_memory / 1024**3, 1),
+            gpu_capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+        )
+    return env
+
+
+def cpu_model_name() -> str:
+    """The processor's marketing name (``/proc/cpuinfo`` on Linux), else whatever ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
