@@ -42,7 +42,7 @@ def _extension():
         kwargs["sources"] += sorted(
             os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "cuda", "*.cu"))
         )
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "-DLORA_OPS_CUDA"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DLORA_OPS_CUDA"]
         kwargs["extra_compile_args"]["cxx"].append("-DLORA_OPS_CUDA")
         return CUDAExtension(**kwargs)
     return CppExtension(**kwargs)

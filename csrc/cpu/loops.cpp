@@ -6,6 +6,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LORA_OPS_HAS_AVX2_CLONE 1
 #define LORA_OPS_AVX2 __attribute__((target("avx2,fma")))
+#include <immintrin.h>
 #endif
 
 namespace lora_ops::cpu {
@@ -99,6 +100,43 @@ LORA_OPS_INLINE void transpose_tile_impl(const T* __restrict b, int64_t r, int64
 }  // namespace
 
 #ifdef LORA_OPS_HAS_AVX2_CLONE
+namespace {
+// GCC does not turn the generic transpose into shuffles, and in the expand step of decode batches (few rows per
+// adapter) the transpose costs as much as the FMAs: an 8x8 in-register transpose makes it ~3x cheaper.
+LORA_OPS_AVX2 inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+LORA_OPS_AVX2 void transpose_tile_avx2_f32(const float* b, int64_t r, int64_t len, float* bt) {
+  const int64_t len8 = len - len % 8, r8 = r - r % 8;
+  for (int64_t o = 0; o < len8; o += 8) {
+    for (int64_t q = 0; q < r8; q += 8) transpose8x8(b + o * r + q, r, bt + q * kTile + o, kTile);
+  }
+  for (int64_t q = 0; q < r; ++q) {
+    if (q >= r8) {
+      for (int64_t o = 0; o < len8; ++o) bt[q * kTile + o] = b[o * r + q];
+    }
+    for (int64_t o = len8; o < len; ++o) bt[q * kTile + o] = b[o * r + q];
+    for (int64_t o = len; o < kTile; ++o) bt[q * kTile + o] = 0.f;
+  }
+}
+}  // namespace
+
 static bool use_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes;
@@ -122,7 +160,13 @@ LORA_OPS_DISPATCH(void, rank_update, (const float* h, const float* bt, int64_t r
                   (h, bt, r, len, out))
 LORA_OPS_DISPATCH(void, rank_update, (const double* h, const double* bt, int64_t r, int64_t len, double* out),
                   (h, bt, r, len, out))
+#ifdef LORA_OPS_HAS_AVX2_CLONE
+void transpose_tile(const float* b, int64_t r, int64_t len, float* bt) {
+  return use_avx2() ? transpose_tile_avx2_f32(b, r, len, bt) : transpose_tile_impl(b, r, len, bt);
+}
+#else
 LORA_OPS_DISPATCH(void, transpose_tile, (const float* b, int64_t r, int64_t len, float* bt), (b, r, len, bt))
+#endif
 LORA_OPS_DISPATCH(void, transpose_tile, (const double* b, int64_t r, int64_t len, double* bt), (b, r, len, bt))
 
 }  // namespace lora_ops::cpu
