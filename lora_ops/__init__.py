@@ -3,6 +3,8 @@
 Importing the package loads the compiled library, which registers the ops under ``torch.ops.lora_ops``.
 """
 
+import torch  # noqa: F401  (loads libtorch, which the compiled library links against)
+
 from lora_ops import _C  # noqa: F401  (registers torch.ops.lora_ops.*)
 from lora_ops.ops import grouped_lora
 
@@ -16,6 +18,4 @@ def cuda_built() -> bool:
 
 
 def torch_has_cuda_kernel(op: str) -> bool:
-    import torch
-
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_ops::{op}", "CUDA")

@@ -130,14 +130,20 @@ def _bench_grouped(args) -> int:
     reps = args.reps or (20 if args.quick else 40)
     warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
 
+    bars = []
+
     def progress(items):
-        return tqdm(items, desc="bench grouped", unit="case", file=sys.stderr)
+        bars.append(tqdm(items, desc="bench grouped", unit="case", file=sys.stderr))
+        return bars[-1]
 
     try:
         result = grouped.run(case_list, device=device, warmup=warmup, reps=reps, quick=args.quick,
                              progress=progress)
     except grouped.ResultMismatchError as e:
         raise CliError(f"bench grouped: {e}", code=1) from None
+    finally:
+        for bar in bars:  # end the bar's line before any error message
+            bar.close()
     print(report.format_table(result))
     paths = report.write_report(result, out)
     print(f"wrote {paths['json']} and {paths['png']}")

@@ -7,7 +7,7 @@ Every case times, in one run and on the same weights:
   ``time(peft) - time(base)``;
 - ``loop``: the strong pure-torch composite (stable sort by adapter, two matmuls per adapter present, one scatter);
 - ``gather_bmm``: gather A/B per row then two bmm (slow; only small N, skipped by ``quick``);
-- ``lora_ops``: ``lora_ops.grouped_lora``.
+- ``lora_ops``: ``lora_ops.grouped_lora`` as users call it by default (``check_ids=True``: one id-range reduction).
 
 The last three compute the LoRA delta alone. Before timing, each of them is checked against PEFT's output minus
 the base output, so all methods compute the same thing.
@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 import lora_ops
-from lora_ops.benchmarks.timing import environment, read_bandwidth, time_fn
+from lora_ops.benchmarks.timing import OtherCpuMeter, environment, read_bandwidth, time_fn
 
 __all__ = [
     "DISTRIBUTIONS", "METHODS", "DELTA_METHODS", "GroupedCase", "Workload", "ResultMismatchError",
     "adapter_ids", "cases", "methods_for", "build_workload", "segment_loop_delta", "gather_bmm_delta",
-    "memory_floor_bytes", "run_case", "run",
+    "memory_floor_bytes", "check_against_peft", "run_case", "run",
 ]
 
 DISTRIBUTIONS = ("same", "uniform", "zipf", "distinct")
@@ -261,13 +261,16 @@ def run_case(case: GroupedCase, *, device: str | torch.device = "cpu", bandwidth
     wl = build_workload(case, device=device, seed=seed)
     check = check_against_peft(wl, methods)
     fns = wl.fns()
+    others = OtherCpuMeter()
     timings = {m: time_fn(fns[m], device=device, warmup=warmup, reps=reps) for m in methods}
+    other_cpu_share = others.share()
     ms = {m: t.median_ms for m, t in timings.items()}
 
     lora_ms = {"peft": ms["peft"] - ms["base"]}  # PEFT cannot run the delta alone
     lora_ms.update({m: ms[m] for m in DELTA_METHODS if m in ms})
     ours = lora_ms["lora_ops"]
-    ratios = {f"{'peft_lora' if m == 'peft' else m}/lora_ops": lora_ms[m] / ours for m in lora_ms if m != "lora_ops"}
+    ratio_names = {"peft": "peft_lora", "loop": "loop", "gather_bmm": "gather_bmm"}
+    ratios = {f"{name}/lora_ops": lora_ms[m] / ours for m, name in ratio_names.items() if m in lora_ms}
     ratios["lora_ops/base"] = ours / ms["base"]
 
     n_present = wl.n_present
@@ -284,6 +287,7 @@ def run_case(case: GroupedCase, *, device: str | torch.device = "cpu", bandwidth
         "lora_ops_gbps": nbytes / (ours * 1e-3) / 1e9,
         "lora_ops_pct_of_floor": 100.0 * floor_ms / ours,
         "check": check,
+        "other_cpu_share": other_cpu_share,
     }
 
 
@@ -293,6 +297,7 @@ def run(case_list: Iterable[GroupedCase], *, device: str | torch.device = "cpu",
     ``environment``, ``settings``, the measured ``bandwidth`` and the list of ``cases`` (see run_case)."""
     case_list = list(case_list)
     env = environment(device)  # before the cases: its date is when the run started
+    others = OtherCpuMeter()
     bandwidth = read_bandwidth(device)
     results = [run_case(c, device=device, bandwidth_gbps=bandwidth["gbps"], warmup=warmup, reps=reps, quick=quick,
                         seed=seed) for c in progress(case_list)]
@@ -302,5 +307,6 @@ def run(case_list: Iterable[GroupedCase], *, device: str | torch.device = "cpu",
         "settings": {"quick": quick, "warmup": warmup, "reps": reps, "seed": seed, "dtype": "float32",
                      "zipf_exponent": ZIPF_EXPONENT, "lora_alpha": LORA_ALPHA, "rel_tol": REL_TOL},
         "bandwidth": bandwidth,
+        "other_cpu_share": others.share(),
         "cases": results,
     }

@@ -16,9 +16,10 @@ from typing import Callable
 
 __all__ = ["format_table", "machine_slug", "write_json", "write_plot", "write_report"]
 
-# Plotted methods (LoRA part) in legend order; "peft" is PEFT's total minus the base layer.
-PLOT_METHODS = {"peft": "PEFT adapter_names (minus base)", "loop": "torch segment loop",
-                "gather_bmm": "torch gather + bmm", "lora_ops": "lora_ops.grouped_lora"}
+# Plotted methods (LoRA part) in legend order, with fixed colours so plots with and without gather_bmm compare;
+# "peft" is PEFT's total minus the base layer.
+PLOT_METHODS = {"peft": ("PEFT adapter_names (minus base)", "C0"), "loop": ("torch segment loop", "C1"),
+                "gather_bmm": ("torch gather + bmm", "C2"), "lora_ops": ("lora_ops.grouped_lora", "C3")}
 
 
 def _fmt(v, spec: str) -> str:
@@ -35,8 +36,12 @@ def format_table(result: dict) -> str:
         f"read bandwidth {bw['gbps']:.1f} GB/s ({bw['method']}, {bw['bytes'] / 2**20:.0f} MiB); "
         "ms columns after 'base' are LoRA parts (peft = peft - base); floor = memory floor at that bandwidth",
     ]
+    share = result.get("other_cpu_share")
+    if share is not None:
+        lines.append(f"other processes used {100 * share:.0f}% of the machine's CPU time during the run"
+                     + (" -- timings may be inflated (see the others% column)" if share > 0.05 else ""))
     header = ["case", "n", "base", "peft", "loop", "gbmm", "lora_ops", "floor", "peft/ops", "loop/ops",
-              "ops/base", "GB/s", "%floor", "maxdiff"]
+              "ops/base", "GB/s", "%floor", "maxdiff", "others%"]
     rows = []
     for c in result["cases"]:
         lm, r, base = c["lora_ms"], c["ratios"], c["timings"]["base"]["median_ms"]
@@ -47,6 +52,7 @@ def format_table(result: dict) -> str:
             _fmt(r.get("loop/lora_ops"), ".2f"), _fmt(r.get("lora_ops/base"), ".3f"),
             _fmt(c["lora_ops_gbps"], ".1f"), _fmt(c["lora_ops_pct_of_floor"], ".0f"),
             _fmt(c["check"]["lora_ops"]["max_abs_diff"], ".1e"),
+            _fmt(None if c.get("other_cpu_share") is None else 100 * c["other_cpu_share"], ".0f"),
         ])
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     # the case name is text: left-aligned; every other column is a number: right-aligned
@@ -111,12 +117,12 @@ def write_plot(result: dict, out_dir: str | os.PathLike) -> Path:
             panel = sorted((c for c in cases if c["case"]["d_in"] == d and c["case"]["dist"] == dist),
                            key=lambda c: c["case"]["n_adapters"])
             ns = [c["case"]["n_adapters"] for c in panel]
-            for method, label in PLOT_METHODS.items():
+            for method, (label, color) in PLOT_METHODS.items():
                 # a LoRA part can come out <= 0 (PEFT minus base within noise): no point on a log axis
                 pts = [(c["case"]["n_adapters"], c["lora_ms"][method]) for c in panel
                        if c["lora_ms"].get(method, 0) > 0]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=label)
+                    ax.plot(*zip(*pts), marker="o", color=color, label=label)
             ax.plot(ns, [c["floor"]["ms"] for c in panel], "k--", label="memory floor")
             ax.plot(ns, [c["timings"]["base"]["median_ms"] for c in panel], ":", color="gray",
                     label="base Linear (whole)")
