@@ -118,7 +118,7 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layouts(dtype):
+def test_small_layouts(dtype):
     """3-D x, non-contiguous x, and misaligned x / lora_a / lora_b (which must fall back to scalar loads)."""
     (x, a, b, ids), kwargs = make_problem(2 * 5, 64, 96, 16, 6, 2, dtype, "mixed")
     x3, ids3 = x.view(2, 5, 64), ids.view(2, 5, 2)
@@ -136,7 +136,7 @@ def test_layouts(dtype):
 
 
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
-def test_invalid_ids(ids_dtype):
+def test_small_invalid_ids(ids_dtype):
     """check_ids=False: ids outside [0, N) contribute nothing (and are never read); check_ids=True: IndexError."""
     (x, a, b, ids), kwargs = make_problem(24, 40, 33, 8, 4, 2, torch.float32, "uniform")
     big = 2**40 if ids_dtype == torch.int64 else 2**30
