@@ -220,6 +220,10 @@ def mbc_cluster(adapters: Sequence[AdapterLike], k: int, seed: int = 0, *, keep_
             total size.
         k: number of clusters, ``1 <= k <= n``.
         seed: k-means seed; the same seed gives the same labels.
+        keep_fraction: share of each adapter's entries kept by magnitude (1.0 disables sparsification; the
+            default 0.2 is this library's choice, not a value from the paper: tune it on your library).
+        n_components: dimensions kept by the reduction (default n).
+        n_init: k-means restarts (scikit-learn's ``n_init``).
 
     Returns:
         ``MBCResult(labels [n], similarity [n, n], embedding [n, c])``.
