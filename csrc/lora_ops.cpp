@@ -19,3 +19,12 @@ TORCH_LIBRARY(lora_ops, m) {
       "grouped_lora(Tensor x, Tensor lora_a, Tensor lora_b, Tensor adapter_ids, Tensor? scales=None, "
       "Tensor? weights=None, bool check_ids=True) -> Tensor");
 }
+
+TORCH_LIBRARY_FRAGMENT(lora_ops, m) {
+  // Arrow (arXiv 2405.11157). Prototype of adapter i = unit top right singular vector of B_i @ A_i, computed
+  // exactly from the factors; leading dims of lora_a [..., N, r, d_in] / lora_b [..., N, d_out, r] are batched.
+  m.def("arrow_prototypes(Tensor lora_a, Tensor lora_b) -> Tensor");
+  // logits |x . v_i|, top_k per row (ties: lowest index first), softmax over the chosen k with temperature.
+  // Returns (ids [..., k] int64, weights [..., k] fp32, fp64 for fp64 x).
+  m.def("arrow_route(Tensor x, Tensor prototypes, int top_k, float temperature=1.0) -> (Tensor, Tensor)");
+}

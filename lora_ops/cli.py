@@ -1,9 +1,10 @@
 """The ``lora-ops`` console script.
 
     lora-ops bench grouped [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+    lora-ops bench arrow [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
 
-``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, all); only ``grouped`` is
-implemented so far. Further top-level commands (``merge``, ``reproduce``) get their own sub-parser next to
+``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, all); ``grouped`` and
+``arrow`` are implemented so far. Further top-level commands (``merge``, ``reproduce``) get their own sub-parser next to
 ``bench``. Usage errors and failed preconditions print one line on stderr and exit non-zero, without a traceback.
 
 ``bench grouped`` also takes hidden options that shrink the case grid (``--d 64 --n 2 4 --tokens 8 --rank 4
@@ -21,6 +22,7 @@ __all__ = ["main"]
 
 BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "all")
 KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops"}
+KIND_HELP["arrow"] = "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops"
 
 
 class CliError(Exception):
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=_bench_grouped if kind == "grouped" else _not_implemented)
         if kind == "grouped":
             _add_grouped_sizing(p)
+    kinds.choices["arrow"].set_defaults(handler=_bench_arrow)
+    _add_arrow_sizing(kinds.choices["arrow"])
     return parser
 
 
@@ -146,6 +150,58 @@ def _bench_grouped(args) -> int:
             bar.close()
     print(report.format_table(result))
     paths = report.write_report(result, out)
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
+def _add_arrow_sizing(p: argparse.ArgumentParser) -> None:
+    hide = argparse.SUPPRESS  # testing knobs, like bench grouped's
+    p.add_argument("--d", type=_positive_int, default=2048, help=hide)
+    p.add_argument("--experts", type=_positive_int, nargs="+", help=hide)
+    p.add_argument("--tokens", type=_positive_int, default=256, help=hide)
+    p.add_argument("--rank", type=_positive_int, default=16, help=hide)
+    p.add_argument("--top-k", type=_positive_int, default=4, help=hide)
+    p.add_argument("--reps", type=_positive_int, help=hide)
+    p.add_argument("--warmup", type=int, help=hide)
+
+
+def _bench_arrow(args) -> int:
+    import torch
+
+    device = _select_device(args.device)
+    out = _prepare_out_dir(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import peft  # noqa: F401
+        from tqdm import tqdm
+    except ImportError as e:
+        raise CliError(f"bench needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") from None
+
+    from lora_ops.benchmarks import arrow
+
+    try:
+        case_list = arrow.cases(quick=args.quick, d=args.d, n_experts=args.experts, tokens=args.tokens,
+                                rank=args.rank, top_k=args.top_k)
+    except ValueError as e:
+        raise CliError(f"bench arrow: {e}") from None
+    reps = args.reps or (10 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    bars = []
+
+    def progress(items):
+        bars.append(tqdm(items, desc="bench arrow", unit="case", file=sys.stderr))
+        return bars[-1]
+
+    try:
+        result = arrow.run(case_list, device=device, warmup=warmup, reps=reps, quick=args.quick, progress=progress)
+    except arrow.ResultMismatchError as e:
+        raise CliError(f"bench arrow: {e}", code=1) from None
+    finally:
+        for bar in bars:
+            bar.close()
+    print(arrow.format_table(result))
+    paths = arrow.write_report(result, out)
     print(f"wrote {paths['json']} and {paths['png']}")
     return 0
 

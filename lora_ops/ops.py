@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["grouped_lora"]
+__all__ = ["grouped_lora", "arrow_prototypes", "arrow_route"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -90,3 +90,90 @@ def _grouped_lora_check(x, lora_a, lora_b, adapter_ids, scales, weights) -> tupl
 @torch.library.register_fake("lora_ops::grouped_lora")
 def _grouped_lora_fake(x, lora_a, lora_b, adapter_ids, scales=None, weights=None, check_ids=True):
     return x.new_empty(_grouped_lora_check(x, lora_a, lora_b, adapter_ids, scales, weights))
+
+
+# ---- Arrow routing (arXiv 2405.11157) ----
+
+
+def arrow_prototypes(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """Arrow prototype of every adapter: the unit top right singular vector of ``lora_b[i] @ lora_a[i]``.
+
+    Exact (QR of the factors + an SVD of the small r x r core; no power iterations, no d_out x d_in product).
+    The sign of a singular vector is arbitrary; it is fixed so the component of largest magnitude is positive,
+    which makes CPU and CUDA agree (routing only uses ``|<x, v>|``). Not differentiable (Arrow is training-free).
+
+    Args:
+        lora_a: ``[..., N, r, d_in]`` float32 / float16 / bfloat16 / float64; leading dims (e.g. layers) batched.
+        lora_b: ``[..., N, d_out, r]``, lora_a's dtype and leading dims.
+
+    Returns:
+        ``[..., N, d_in]`` in lora_a's dtype, computed in float32 (float64 for float64 inputs).
+    """
+    return torch.ops.lora_ops.arrow_prototypes.default(lora_a, lora_b)
+
+
+def arrow_route(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, *, temperature: float = 1.0):
+    """Arrow routing: per row, the ``top_k`` experts with the largest ``|x . prototypes[i]|`` and softmax weights.
+
+    ``weights = softmax(|logits of the chosen| / temperature)`` over the k chosen only; ids are ordered by
+    decreasing logit, equal logits by lower index (deterministic). The pair feeds
+    ``grouped_lora(x, lora_a, lora_b, ids, weights=weights)`` directly. Not differentiable: Arrow routes a
+    frozen library (training-free), so neither ids nor weights carry gradients.
+
+    Args:
+        x: ``[..., d]`` float32 / float16 / bfloat16 / float64.
+        prototypes: ``[N, d]`` any of those dtypes (e.g. from ``arrow_prototypes``).
+        top_k: experts per row, ``1 <= top_k <= N``.
+        temperature: softmax temperature, > 0.
+
+    Returns:
+        ``(ids [..., top_k] int64, weights [..., top_k])``; weights are float32 (float64 for a float64 x): the
+        logits are computed in that dtype, and grouped_lora accumulates in it anyway.
+    """
+    return torch.ops.lora_ops.arrow_route.default(x, prototypes, top_k, temperature)
+
+
+def _arrow_prototypes_check(lora_a, lora_b) -> tuple:
+    """Value-free checks mirroring csrc/common/arrow_args.cpp; returns the output shape."""
+    if lora_a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"arrow_prototypes: lora_a must be float32, float16, bfloat16 or float64, got {lora_a.dtype}")
+    if lora_b.dtype != lora_a.dtype:
+        raise TypeError(f"arrow_prototypes: lora_b has dtype {lora_b.dtype} but lora_a has {lora_a.dtype}")
+    if lora_a.dim() < 3:
+        raise ValueError(f"arrow_prototypes: lora_a must have shape [..., N, r, d_in], got {list(lora_a.shape)}")
+    if (lora_b.dim() != lora_a.dim() or lora_b.shape[:-2] != lora_a.shape[:-2]
+            or lora_b.shape[-1] != lora_a.shape[-2]):
+        raise ValueError(f"arrow_prototypes: lora_b must have shape [..., N, d_out, r] = "
+                         f"{list(lora_a.shape[:-2])} + [d_out, {lora_a.shape[-2]}] to match lora_a "
+                         f"{list(lora_a.shape)}, got {list(lora_b.shape)}")
+    if lora_b.device != lora_a.device:
+        raise ValueError(f"arrow_prototypes: lora_b is on {lora_b.device} but lora_a is on {lora_a.device}")
+    return tuple(lora_a.shape[:-2]) + (lora_a.shape[-1],)
+
+
+@torch.library.register_fake("lora_ops::arrow_prototypes")
+def _arrow_prototypes_fake(lora_a, lora_b):
+    return lora_a.new_empty(_arrow_prototypes_check(lora_a, lora_b))
+
+
+@torch.library.register_fake("lora_ops::arrow_route")
+def _arrow_route_fake(x, prototypes, top_k, temperature=1.0):
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"arrow_route: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if prototypes.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"arrow_route: prototypes must be float32, float16, bfloat16 or float64, got {prototypes.dtype}")
+    if x.dim() < 1:
+        raise ValueError("arrow_route: x must have shape [..., d], got a 0-d tensor")
+    if prototypes.dim() != 2 or prototypes.shape[1] != x.shape[-1]:
+        raise ValueError(f"arrow_route: prototypes must have shape [N, d] with d = {x.shape[-1]}, "
+                         f"got {list(prototypes.shape)}")
+    if prototypes.device != x.device:
+        raise ValueError(f"arrow_route: prototypes is on {prototypes.device} but x is on {x.device}")
+    n = prototypes.shape[0]
+    if not 1 <= top_k <= n:
+        raise ValueError(f"arrow_route: top_k must be in [1, N] = [1, {n}], got {top_k}")
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"arrow_route: temperature must be a finite number > 0, got {temperature}")
+    shape = tuple(x.shape[:-1]) + (top_k,)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=acc)

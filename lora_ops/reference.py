@@ -46,3 +46,40 @@ def grouped_lora(
             h = xs[rows] @ a[i].T
             y[rows] += (s[i] * w[rows, j, None]) * (h @ b[i].T)
     return y.reshape(*lead, d_out).to(x.dtype)
+
+
+def arrow_prototypes(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """Unit top right singular vector of each dense ``lora_b @ lora_a`` (``[..., N, d_out, d_in]`` formed
+    explicitly), in float64, sign fixed so the component of largest magnitude is positive.
+
+    Shapes: lora_a ``[..., N, r, d_in]``, lora_b ``[..., N, d_out, r]``; returns ``[..., N, d_in]`` float64.
+    """
+    delta = lora_b.double() @ lora_a.double()
+    v = torch.linalg.svd(delta, full_matrices=False).Vh[..., 0, :]
+    pivot = v.gather(-1, v.abs().argmax(-1, keepdim=True))
+    return torch.where(pivot < 0, -v, v)
+
+
+def arrow_route(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, *, temperature: float = 1.0):
+    """logits = |x @ prototypes.T|; the top_k largest per row (equal logits: lower index first, via a stable
+    descending sort); softmax over the chosen with ``temperature``. Returns (ids int64, weights) ``[..., top_k]``,
+    weights in float64 for a float64 x and float32 otherwise."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logits = (x.to(dt) @ prototypes.to(dt).T).abs()
+    values, ids = torch.sort(logits, dim=-1, descending=True, stable=True)
+    values, ids = values[..., :top_k], ids[..., :top_k]
+    return ids, torch.softmax(values / temperature, dim=-1)
+
+
+def arrow_dense(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+                prototypes: torch.Tensor, top_k: int, *, temperature: float = 1.0) -> torch.Tensor:
+    """Arrow's LoRA delta computed the way PEFT does: every expert for every row (einsum), then a softmax over
+    the top-k logits with the others masked to -inf. Shapes: x ``[T, d_in]`` -> ``[T, d_out]`` in x's dtype."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.to(dt)
+    logits = (xs @ prototypes.to(dt).T).abs()
+    ids, _ = arrow_route(x, prototypes, top_k, temperature=temperature)
+    masked = torch.full_like(logits, float("-inf")).scatter(-1, ids, logits.gather(-1, ids))
+    coeff = torch.softmax(masked / temperature, dim=-1)  # [T, N], zero outside the top-k
+    y = torch.einsum("tf,erf,eor->teo", xs, lora_a.to(dt), lora_b.to(dt)) * scales.to(dt)[None, :, None]
+    return torch.einsum("te,teo->to", coeff, y).to(x.dtype)
