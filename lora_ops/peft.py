@@ -70,16 +70,18 @@ def _adapter_from_dir(path: Union[str, os.PathLike]) -> Dict[str, Tuple[torch.Te
     """``{module_name: (A, B, scale)}`` of one PEFT adapter folder (module names without PEFT's prefix)."""
     state, config = _io.read_peft_adapter_dir(path)
     _check_config(config, str(path))
-    pairs: Dict[str, Dict[str, torch.Tensor]] = OrderedDict()
-    for key, tensor in state.items():
+    # Named features first (a folder with embedding LoRA also holds the full embedding weight, for example).
+    for key in state:
         if "lora_embedding_" in key:
             raise NotImplementedError(f"{path}: embedding LoRA ({key}) is not supported")
         if "lora_magnitude_vector" in key:
             raise NotImplementedError(f"{path}: DoRA ({key}) is not supported")
+        if re.search(r"\.lora_B\.(.+\.)?bias$", key):
+            raise NotImplementedError(f"{path}: LoRA bias ({key}) is not supported")
+    pairs: Dict[str, Dict[str, torch.Tensor]] = OrderedDict()
+    for key, tensor in state.items():
         m = _LORA_KEY.match(key)
         if m is None:
-            if re.search(r"\.lora_B\.(.+\.)?bias$", key):
-                raise NotImplementedError(f"{path}: LoRA bias ({key}) is not supported")
             raise NotImplementedError(f"{path}: tensor {key!r} is not a LoRA A/B weight (unsupported PEFT feature)")
         module = m.group("module")
         module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
