@@ -11,6 +11,16 @@ from lora_ops.nn import AdapterBank, MultiLoRALinear, adapter_ids, set_adapter_i
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes: one thread is fastest, and on a shared machine OpenMP threads waiting for descheduled peers
+    # make multi-threaded tiny ops 10-100x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _mixed_bank(d_in=24, d_out=20, ranks=(2, 5, 3), dtype=torch.float32, trainable=False):
     adapters = {f"a{i}": (torch.randn(r, d_in, dtype=dtype), torch.randn(d_out, r, dtype=dtype), 0.5 + i)
                 for i, r in enumerate(ranks)}

@@ -14,6 +14,16 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from lora_ops.peft import accelerate, load_adapters, save_adapter  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes: one thread is fastest, and on a shared machine OpenMP threads waiting for descheduled peers
+    # make multi-threaded tiny ops 10-100x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # Ranks and alphas of the 8 adapters used for the PeftModel tests (mixed on purpose).
 RANKS = (2, 4, 8, 3, 16, 4, 1, 6)
 ALPHAS = (4, 8, 16, 3, 8, 1, 2, 12)
