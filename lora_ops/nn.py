@@ -24,6 +24,8 @@ __all__ = [
     "set_adapter_ids",
     "adapter_ids",
     "grouped_lora_has_autograd",
+    "reference_op",
+    "per_adapter_loss",
     "BASE",
 ]
 
@@ -35,6 +37,24 @@ Ids = Union[torch.Tensor, Sequence[Union[int, str, None]]]
 def grouped_lora_has_autograd() -> bool:
     """True once a backward of ``torch.ops.lora_ops.grouped_lora`` is registered (``torch.library.register_autograd``)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("lora_ops::grouped_lora", "Autograd")
+
+
+_op_override: Optional[Callable[..., torch.Tensor]] = None
+
+
+@contextlib.contextmanager
+def reference_op():
+    """Inside the block, ``MultiLoRALinear`` uses the pure-torch ``lora_ops.reference.grouped_lora`` (slow, but
+    differentiable through plain autograd): for debugging, and for training in builds without the op's backward."""
+    from lora_ops import reference
+
+    global _op_override
+    saved = _op_override
+    _op_override = lambda *args, check_ids=True, **kwargs: reference.grouped_lora(*args, **kwargs)  # noqa: E731
+    try:
+        yield
+    finally:
+        _op_override = saved
 
 
 def _conv1d_type():
@@ -267,11 +287,13 @@ class MultiLoRALinear(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
             or (weights is not None and weights.requires_grad))
-        if needs_grad and not grouped_lora_has_autograd():
+        op = _op_override or ops.grouped_lora
+        if needs_grad and _op_override is None and not grouped_lora_has_autograd():
             raise NotImplementedError("MultiLoRALinear: gradients through grouped_lora need its backward, which is "
-                                      "not registered in this build; run under torch.no_grad() for inference")
+                                      "not registered in this build; run under torch.no_grad() for inference, or "
+                                      "train inside `with lora_ops.nn.reference_op():` (slow pure-torch op)")
         h = self.lora_dropout(x).to(bank.lora_a.dtype)
-        delta = ops.grouped_lora(h, bank.lora_a, bank.lora_b, ids, scales=bank.scales, weights=weights,
+        delta = op(h, bank.lora_a, bank.lora_b, ids, scales=bank.scales, weights=weights,
                                  check_ids=self.check_ids)
         return result + delta.to(result.dtype)
 
@@ -378,3 +400,19 @@ def adapter_ids(model: nn.Module, ids: Ids, weights: Optional[torch.Tensor] = No
     finally:
         for layer, (i, w) in zip(layers, saved):
             layer._ids, layer._weights = i, w
+
+
+def per_adapter_loss(row_losses: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``Σ_i mean(row_losses[ids == i])`` over the adapters present (``-1`` rows are ignored).
+
+    Training many adapters in one batch with this loss gives every adapter exactly the gradient it would get from
+    training alone on its own rows with a mean loss (a plain mean over the whole batch would scale adapter i's
+    gradient by its share of the rows). ``row_losses [B]``, ``ids [B]`` (one adapter per sequence).
+    """
+    if row_losses.shape != ids.shape:
+        raise ValueError(f"per_adapter_loss: row_losses {list(row_losses.shape)} and ids {list(ids.shape)} differ")
+    present = ids[ids >= 0].unique()
+    if present.numel() == 0:
+        return row_losses.sum() * 0
+    one_hot = (ids[None, :] == present[:, None]).to(row_losses.dtype)  # [n_present, B]
+    return ((one_hot @ row_losses) / one_hot.sum(1)).sum()
