@@ -151,6 +151,20 @@ class AdapterBank(nn.Module):
         scales = torch.tensor([float(s) for _, _, s in adapters.values()], dtype=dtype, device=device)
         return cls(lora_a, lora_b, scales, list(adapters), ranks, trainable=trainable)
 
+    @classmethod
+    def new(cls, layer: nn.Module, names: Sequence[str], rank: int, alpha: float, *, use_rslora: bool = False,
+            trainable: bool = True) -> "AdapterBank":
+        """Fresh adapters for ``layer`` (``nn.Linear`` / ``Conv1D``) initialised like PEFT's default: A like an
+        ``nn.Linear`` weight (Kaiming-uniform), B = 0, scale ``alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``)."""
+        d_in, d_out, _ = _in_out_features(layer)
+        w = layer.weight
+        a = torch.empty(len(names), rank, d_in, dtype=w.dtype, device=w.device)
+        for i in range(len(names)):
+            nn.init.kaiming_uniform_(a[i], a=5 ** 0.5)
+        b = torch.zeros(len(names), d_out, rank, dtype=w.dtype, device=w.device)
+        scale = alpha / (rank ** 0.5 if use_rslora else rank)
+        return cls(a, b, torch.full((len(names),), scale, device=w.device), names, trainable=trainable)
+
     @property
     def rank(self) -> int:
         return self.lora_a.shape[1]

@@ -250,3 +250,12 @@ def test_wrap_errors():
         wrap(model, banks, ["k_proj"])
     with pytest.raises(ValueError, match="no MultiLoRALinear"):
         set_adapter_ids(_tiny_llama(), torch.tensor([0]))
+
+
+def test_bank_new_peft_like_init():
+    layer = nn.Linear(16, 12)
+    bank = AdapterBank.new(layer, ["x", "y"], rank=4, alpha=8)
+    assert bank.lora_a.shape == (2, 4, 16) and bank.lora_a.requires_grad
+    assert torch.count_nonzero(bank.lora_b) == 0 and bank.scales.tolist() == [2.0, 2.0]
+    assert not torch.equal(bank.lora_a[0], bank.lora_a[1])
+    assert AdapterBank.new(layer, ["x"], rank=4, alpha=8, use_rslora=True).scales.item() == pytest.approx(4.0)
