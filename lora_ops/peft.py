@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lora_ops import _io, ops
-from lora_ops.nn import BASE, AdapterBank, MultiLoRALinear, grouped_lora_has_autograd
+from lora_ops.nn import BASE, AdapterBank, MultiLoRALinear, add_delta, grouped_lora_has_autograd
 
 __all__ = ["load_adapters", "save_adapter", "accelerate"]
 
@@ -292,26 +292,43 @@ def _fast_path_ok(layer, used: set) -> bool:
         drop = layer.lora_dropout[n]
         if layer.training and isinstance(drop, nn.Dropout) and drop.p > 0:
             return False  # PEFT samples dropout per adapter sub-batch; keep its exact behaviour in training
-    if torch.is_grad_enabled() and any(layer.lora_A[n].weight.requires_grad or layer.lora_B[n].weight.requires_grad
-                                       for n in used):
-        return grouped_lora_has_autograd()  # the stacked bank is a copy: gradients need PEFT's path
     return True
+
+
+def _needs_grad(layer, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        layer.lora_A[n].weight.requires_grad or layer.lora_B[n].weight.requires_grad for n in layer.lora_A.keys()))
+
+
+def _differentiable_bank(layer):
+    """The bank stacked with autograd-tracked ops, so gradients reach PEFT's own parameters (training)."""
+    names = list(layer.lora_A.keys())
+    r = max(layer.lora_A[n].weight.shape[0] for n in names)
+    a = torch.stack([nn.functional.pad(layer.lora_A[n].weight, (0, 0, 0, r - layer.lora_A[n].weight.shape[0]))
+                     for n in names])
+    b = torch.stack([nn.functional.pad(layer.lora_B[n].weight, (0, r - layer.lora_B[n].weight.shape[1]))
+                     for n in names])
+    scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=a.dtype, device=a.device)
+    return {n: i for i, n in enumerate(names)}, a, b, scales
 
 
 def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: List[str], **kwargs: Any) -> torch.Tensor:
     """Drop-in for PEFT's ``Linear._mixed_batch_forward``: one ``grouped_lora`` call instead of a loop over adapters."""
     used = {n for n in adapter_names if n != BASE and n in self.lora_A}
-    if not used or not _fast_path_ok(self, used):
+    grad = _needs_grad(self, x)
+    if not used or not _fast_path_ok(self, used) or (grad and not grouped_lora_has_autograd()):
         return self._lora_ops_original_mixed(x, *args, adapter_names=adapter_names, **kwargs)
     for k in ("alora_offsets",):  # variant-only arguments PEFT strips before calling the base layer
         kwargs.pop(k, None)
     result = self.base_layer(x, *args, **kwargs)
-    index, lora_a, lora_b, scales = _layer_bank(self)
+    # inference: the cached copy; training: a fresh differentiable stack, so gradients reach PEFT's parameters
+    index, lora_a, lora_b, scales = _differentiable_bank(self) if grad else _layer_bank(self)
     ids = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
     lead = x.shape[:-1]
     ids = ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead)
-    delta = ops.grouped_lora(x.to(lora_a.dtype), lora_a, lora_b, ids, scales=scales)
-    return result + delta.to(result.dtype)
+    # ids come from the bank's own index: always valid, so no range check (and no reduction) is needed
+    delta = ops.grouped_lora(x.to(lora_a.dtype), lora_a, lora_b, ids, scales=scales, check_ids=False)
+    return add_delta(result, delta)
 
 
 def accelerate(peft_model: nn.Module) -> nn.Module:
@@ -320,8 +337,9 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     Every PEFT LoRA ``Linear`` layer gets its ``_mixed_batch_forward`` replaced; its adapters are stacked into a
     bank on first use and restacked whenever adapters are added, removed or their weights change. Calls without
     ``adapter_names`` are untouched (PEFT's own forward). Cases grouped_lora would not reproduce exactly fall back
-    to PEFT per call: LoRA variants (DoRA...), LoRA bias, dropout in training mode, and gradients to the adapters
-    while grouped_lora has no backward. Returns the model. Idempotent.
+    to PEFT per call: LoRA variants (DoRA...), LoRA bias, dropout in training mode, and calls that need gradients
+    while grouped_lora has no backward (with a backward, such calls stack the factors differentiably, so gradients
+    reach PEFT's parameters). Returns the model. Idempotent.
     """
     from peft.tuners.lora import Linear
 

@@ -223,3 +223,28 @@ def test_accelerate_parity_and_routing(base_model, counted):
                 layer._mixed_batch_forward = layer._lora_ops_original_mixed  # PEFT's own path, for the reference
         want2 = model(tokens, adapter_names=batch2).logits
         assert (got2 - want2).abs().max().item() <= 1e-5
+
+
+def test_accelerate_keeps_gradients_exact(base_model, counted):
+    """With gradients enabled the accelerated call must still give PEFT's outputs and gradients."""
+    torch.manual_seed(2)
+    model = peft.get_peft_model(copy.deepcopy(base_model), _lora(2, 4), adapter_name="x")
+    model.add_adapter("y", _lora(4, 8))
+    model.eval()
+    tokens = _tokens(2, 4)
+    batch = ["x", "y"]
+
+    def grads():
+        model.zero_grad()
+        out = model(tokens, adapter_names=batch).logits
+        out.square().mean().backward()
+        w = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["x"].weight
+        return out.detach(), w.grad.clone()
+
+    want = grads()
+    accelerate(model)
+    got = grads()
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
+    # without a backward for grouped_lora, PEFT's own path ran; with one, grouped_lora did
+    assert bool(counted) == lora_ops.nn.grouped_lora_has_autograd()
