@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 from lora_ops.benchmarks import model  # noqa: E402
 from lora_ops.benchmarks.timing import synchronized  # noqa: E402
-from lora_ops.peft import accelerate  # noqa: E402
+from lora_ops.peft import accelerate, deaccelerate  # noqa: E402
 
 FULL = os.environ.get("LORA_OPS_BENCH_FULL") == "1"
 DEVICE = os.environ.get("LORA_OPS_BENCH_DEVICE", "cpu")
@@ -31,14 +31,14 @@ def _workload():
     return wl
 
 
-@pytest.mark.parametrize("method", model.METHODS)  # peft before accelerated: accelerate() is one-way
+@pytest.mark.parametrize("method", model.METHODS)
 def test_model(benchmark, method):
     if DEVICE == "cuda" and not torch.cuda.is_available():
         pytest.skip("LORA_OPS_BENCH_DEVICE=cuda but CUDA is not available")
     wl = _workload()
     fns = wl.fns()
+    (deaccelerate if method == "peft" else accelerate)(wl.peft_model)
     if method in ("accelerated", "wrapped"):
-        accelerate(wl.peft_model)
         diff = (fns[method]() - wl.peft_logits).abs().max().item()
         assert diff <= model.ABS_TOL, f"{method} differs from PEFT by {diff:.3e}"  # never time a wrong answer
     benchmark.group = CASE.name

@@ -22,7 +22,7 @@ from torch import nn
 from lora_ops import _io, ops
 from lora_ops.nn import BASE, AdapterBank, MultiLoRALinear, add_delta, grouped_lora_has_autograd
 
-__all__ = ["load_adapters", "save_adapter", "accelerate"]
+__all__ = ["load_adapters", "save_adapter", "accelerate", "deaccelerate"]
 
 _PREFIX = "base_model.model."  # PEFT's prefix of module names in saved adapters
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.(?:(?P<adapter>[^.]+)\.)?weight$")
@@ -353,4 +353,14 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
         n += 1
     if n == 0:
         raise ValueError("accelerate: the model has no PEFT LoRA Linear layers")
+    return peft_model
+
+
+def deaccelerate(peft_model: nn.Module) -> nn.Module:
+    """Undo ``accelerate``: PEFT's own ``_mixed_batch_forward`` again on every layer (cached banks dropped)."""
+    for _, layer in _peft_lora_layers(peft_model):
+        original = layer.__dict__.pop("_lora_ops_original_mixed", None)
+        if original is not None:
+            layer.__dict__.pop("_mixed_batch_forward", None)  # the instance attribute shadowed the class method
+            layer.__dict__.pop("_lora_ops_bank", None)
     return peft_model

@@ -12,7 +12,7 @@ from lora_ops.nn import adapter_ids, wrap
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from lora_ops.peft import accelerate, load_adapters, save_adapter  # noqa: E402
+from lora_ops.peft import accelerate, deaccelerate, load_adapters, save_adapter  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -218,10 +218,10 @@ def test_accelerate_parity_and_routing(base_model, counted):
         model.eval()
         batch2 = ["late"] + batch[1:]
         got2 = model(tokens, adapter_names=batch2).logits
-        for layer in model.modules():
-            if hasattr(layer, "_lora_ops_original_mixed"):
-                layer._mixed_batch_forward = layer._lora_ops_original_mixed  # PEFT's own path, for the reference
+        n = len(counted)
+        deaccelerate(model)  # PEFT's own path, for the reference
         want2 = model(tokens, adapter_names=batch2).logits
+        assert len(counted) == n
         assert (got2 - want2).abs().max().item() <= 1e-5
 
 
