@@ -259,3 +259,19 @@ def test_bank_new_peft_like_init():
     assert torch.count_nonzero(bank.lora_b) == 0 and bank.scales.tolist() == [2.0, 2.0]
     assert not torch.equal(bank.lora_a[0], bank.lora_a[1])
     assert AdapterBank.new(layer, ["x"], rank=4, alpha=8, use_rslora=True).scales.item() == pytest.approx(4.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and lora_ops.cuda_built()), reason="needs a GPU and CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multilora_linear_cuda(dtype):
+    adapters, bank = _mixed_bank()
+    base = nn.Linear(24, 20)
+    x = torch.randn(3, 5, 24)
+    ids = torch.randint(-1, 3, (3, 5))
+    with torch.no_grad():
+        want = _per_adapter_reference(x, base, adapters, ids)
+        layer = MultiLoRALinear(base, bank).to("cuda", dtype)
+        got = layer(x.to("cuda", dtype), ids.cuda()).double().cpu()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, want, atol=tol * max(1.0, want.abs().max().item()), rtol=tol)

@@ -248,3 +248,35 @@ def test_accelerate_keeps_gradients_exact(base_model, counted):
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
     # without a backward for grouped_lora, PEFT's own path ran; with one, grouped_lora did
     assert bool(counted) == lora_ops.nn.grouped_lora_has_autograd()
+
+
+def test_gpt2_conv1d_fan_in_fan_out(tmp_path, counted):
+    """GPT-2's Conv1D layers (PEFT: fan_in_fan_out=True): load, wrap, save round trip and accelerate."""
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,
+                                                                n_positions=32)).eval()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                          init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="g0")
+    pm.add_adapter("g1", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                         init_lora_weights=False))
+    pm.eval()
+    pm.save_pretrained(tmp_path / "saved", selected_adapters=["g0"])
+    tokens = _tokens(2, 6)
+    batch = ["g0", "g1"]
+    with torch.no_grad():
+        want = pm(tokens, adapter_names=batch).logits
+        banks = load_adapters(pm)
+        wrapped = wrap(copy.deepcopy(base), banks)
+        with adapter_ids(wrapped, batch):
+            torch.testing.assert_close(wrapped(tokens).logits, want, atol=1e-5, rtol=1e-5)
+        saved = tmp_path / "saved"
+        from_dir = load_adapters(saved / "g0" if (saved / "g0").is_dir() else saved)  # PEFT nests named adapters
+        assert set(from_dir) == {k for k, b in banks.items() if b.ranks[0] > 0}
+        out = save_adapter(wrapped, "g0", tmp_path / "resaved")
+        assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+        torch.testing.assert_close(reloaded(tokens[:1]).logits, want[:1], atol=1e-5, rtol=1e-5)
+        accelerate(pm)
+        assert (pm(tokens, adapter_names=batch).logits - want).abs().max().item() <= 1e-5
+        assert counted
