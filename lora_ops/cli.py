@@ -183,7 +183,7 @@ def _bench_model(args) -> int:
     sizing.update({k: v for k, v in (("vocab", args.vocab), ("n_adapters", args.adapters), ("rank", args.rank),
                                      ("seqs", args.seqs), ("seq_len", args.seq_len)) if v})
     case_list = model.cases(quick=args.quick, **sizing)
-    reps = args.reps or (6 if args.quick else 12)
+    reps = args.reps or 18  # 6 interleaved rounds of 3
     warmup = args.warmup if args.warmup is not None else 2
     bars = []
 

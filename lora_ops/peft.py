@@ -262,42 +262,46 @@ def save_adapter(banks_or_model, name: str, path: Union[str, os.PathLike],
 # accelerate: PEFT's mixed batch through grouped_lora
 
 
-def _bank_key(layer) -> tuple:
-    # Identity and version of every factor: adding / deleting / loading adapters or an in-place update of the
-    # weights changes the key, and the stacked bank is rebuilt on the next mixed batch.
-    return tuple((n, layer.lora_A[n].weight.data_ptr(), layer.lora_A[n].weight._version,
-                  layer.lora_B[n].weight.data_ptr(), layer.lora_B[n].weight._version, float(layer.scaling[n]))
-                 for n in layer.lora_A.keys())
+class _Stacked:
+    """A PEFT LoRA layer's adapters stacked once, with what is needed to tell whether the stack is still current
+    and which adapters grouped_lora reproduces exactly (no variant, no LoRA bias)."""
+
+    def __init__(self, layer):
+        self.names = tuple(layer.lora_A.keys())
+        self.scaling = dict(layer.scaling)
+        self.params = [p for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
+        self.stamp = [(p.data_ptr(), p._version) for p in self.params]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        variants = getattr(layer, "lora_variant", {})
+        self.plain = frozenset(n for n in self.names if n not in variants and layer.lora_B[n].bias is None)
+        self.dropout = {n: getattr(layer.lora_dropout[n], "p", 0.0) if isinstance(layer.lora_dropout[n], nn.Dropout)
+                        else 0.0 for n in self.names}
+        with torch.no_grad():
+            bank = AdapterBank.from_adapters(OrderedDict(
+                (n, (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])) for n in self.names))
+        self.lora_a, self.lora_b, self.scales = bank.lora_a.data, bank.lora_b.data, bank.scales
+
+    def current(self, layer) -> bool:
+        # adding / deleting adapters changes the names, loading weights into them bumps the version (in-place
+        # copy) or moves the storage; a cheap check per call, since it runs for every layer of every forward
+        return (tuple(layer.lora_A.keys()) == self.names and layer.scaling == self.scaling
+                and all(p.data_ptr() == d and p._version == v for p, (d, v) in zip(self.params, self.stamp)))
 
 
-def _layer_bank(layer) -> Tuple[Dict[str, int], torch.Tensor, torch.Tensor, torch.Tensor]:
-    key = _bank_key(layer)
-    cached = getattr(layer, "_lora_ops_bank", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    names = list(layer.lora_A.keys())
-    with torch.no_grad():
-        bank = AdapterBank.from_adapters(
-            OrderedDict((n, (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])) for n in names))
-    entry = ({n: i for i, n in enumerate(names)}, bank.lora_a.data, bank.lora_b.data, bank.scales)
-    layer._lora_ops_bank = (key, entry)
-    return entry
+def _stacked(layer) -> _Stacked:
+    st = layer.__dict__.get("_lora_ops_bank")
+    if st is None or not st.current(layer):
+        st = _Stacked(layer)
+        layer._lora_ops_bank = st
+    return st
 
 
-def _fast_path_ok(layer, used: set) -> bool:
+def _fast_path_ok(layer, st: _Stacked, used: set) -> bool:
     """Whether grouped_lora gives exactly PEFT's result for this call (else PEFT's own method runs)."""
-    for n in used:
-        if n in getattr(layer, "lora_variant", {}) or layer.lora_B[n].bias is not None:
-            return False
-        drop = layer.lora_dropout[n]
-        if layer.training and isinstance(drop, nn.Dropout) and drop.p > 0:
-            return False  # PEFT samples dropout per adapter sub-batch; keep its exact behaviour in training
-    return True
-
-
-def _needs_grad(layer, x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(
-        layer.lora_A[n].weight.requires_grad or layer.lora_B[n].weight.requires_grad for n in layer.lora_A.keys()))
+    if not used <= st.plain:
+        return False  # LoRA variants (DoRA, ...) and LoRA bias: PEFT's code
+    # PEFT samples dropout per adapter sub-batch: keep its exact behaviour in training
+    return not layer.training or all(st.dropout[n] == 0 for n in used)
 
 
 def _differentiable_bank(layer):
@@ -314,15 +318,17 @@ def _differentiable_bank(layer):
 
 def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: List[str], **kwargs: Any) -> torch.Tensor:
     """Drop-in for PEFT's ``Linear._mixed_batch_forward``: one ``grouped_lora`` call instead of a loop over adapters."""
-    used = {n for n in adapter_names if n != BASE and n in self.lora_A}
-    grad = _needs_grad(self, x)
-    if not used or not _fast_path_ok(self, used) or (grad and not grouped_lora_has_autograd()):
+    st = _stacked(self)
+    used = {n for n in adapter_names if n in st.index}
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in st.params))
+    if not used or not _fast_path_ok(self, st, used) or (grad and not grouped_lora_has_autograd()):
         return self._lora_ops_original_mixed(x, *args, adapter_names=adapter_names, **kwargs)
     for k in ("alora_offsets",):  # variant-only arguments PEFT strips before calling the base layer
         kwargs.pop(k, None)
     result = self.base_layer(x, *args, **kwargs)
     # inference: the cached copy; training: a fresh differentiable stack, so gradients reach PEFT's parameters
-    index, lora_a, lora_b, scales = _differentiable_bank(self) if grad else _layer_bank(self)
+    index, lora_a, lora_b, scales = (_differentiable_bank(self) if grad
+                                     else (st.index, st.lora_a, st.lora_b, st.scales))
     ids = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
     lead = x.shape[:-1]
     ids = ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead)

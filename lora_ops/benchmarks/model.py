@@ -144,13 +144,14 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def run_case(case: ModelCase, *, device: str | torch.device = "cpu", warmup: int = 2, reps: int = 10,
-             rounds: int = 3, seed: int = 0) -> dict:
+def run_case(case: ModelCase, *, device: str | torch.device = "cpu", warmup: int = 2, reps: int = 18,
+             rounds: int = 6, seed: int = 0) -> dict:
     """Build, check and time one case; returns a JSON-ready dict (timings, ms above base, ratios, checks).
 
     The methods are timed in ``rounds`` interleaved rounds of ``reps // rounds`` calls each (PEFT's own path and
     the accelerated one are switched with ``accelerate`` / ``deaccelerate``), so a neighbour's load on a shared
-    machine hits all methods alike; the reported median is the median over rounds of each round's median.
+    machine hits all methods alike; a method's time above base is the median over rounds of (its round median
+    minus base's round median).
     """
     from lora_ops.peft import accelerate, deaccelerate
 
@@ -174,9 +175,11 @@ def run_case(case: ModelCase, *, device: str | torch.device = "cpu", warmup: int
             per_round[m].append(time_fn(fns[m], device=device, warmup=warmup if r == 0 else 1,
                                         reps=max(1, reps // max(1, rounds))))
     timings = {m: _merge(ts) for m, ts in per_round.items()}
-    ms = {m: t["median_ms"] for m, t in timings.items()}
     best = {m: t["min_ms"] for m, t in timings.items()}
-    above = {m: ms[m] - ms["base"] for m in METHODS if m != "base"}
+    # paired by round: a method's cost above base is measured against the base timed right next to it, so the
+    # load of other processes (which drifts over seconds) largely cancels; then the median over rounds
+    above = {m: _median([t.median_ms - b.median_ms for t, b in zip(per_round[m], per_round["base"])])
+             for m in METHODS if m != "base"}
     above_min = {m: best[m] - best["base"] for m in METHODS if m != "base"}
     ratios = {}
     for m in ("accelerated", "wrapped"):
@@ -186,16 +189,20 @@ def run_case(case: ModelCase, *, device: str | torch.device = "cpu", warmup: int
             "above_base_min_ms": above_min, "ratios": ratios, "check": check, "other_cpu_share": others.share()}
 
 
+def _median(values: list) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+
 def _merge(rounds: list) -> dict:
     """One summary of several ``Timing`` s: median of the round medians, smallest minimum, all reps."""
-    meds = sorted(t.median_ms for t in rounds)
-    return {"median_ms": meds[len(meds) // 2], "min_ms": min(t.min_ms for t in rounds),
+    return {"median_ms": _median([t.median_ms for t in rounds]), "min_ms": min(t.min_ms for t in rounds),
             "round_medians_ms": [t.median_ms for t in rounds], "reps": sum(t.reps for t in rounds),
             "threads": rounds[0].threads}
 
 
-def run(case_list: Iterable[ModelCase], *, device: str | torch.device = "cpu", warmup: int = 2, reps: int = 12,
-        rounds: int = 3, seed: int = 0, progress: Callable[[list], Iterable] = iter) -> dict:
+def run(case_list: Iterable[ModelCase], *, device: str | torch.device = "cpu", warmup: int = 2, reps: int = 18,
+        rounds: int = 6, seed: int = 0, progress: Callable[[list], Iterable] = iter) -> dict:
     """Run every case; the JSON-ready result has ``kind="model"``, ``environment``, ``settings`` and ``cases``."""
     case_list = list(case_list)
     env = environment(device)
@@ -214,7 +221,7 @@ def format_table(result: dict) -> str:
     lines = [f"whole-model forward, mixed adapter batch, on {env['device']} ({where}); torch {env['torch']}, "
              f"peft {env.get('peft')}; {result['settings']['dtype']}, median of {result['settings']['reps']} reps",
              "ms above base = the LoRA cost of each method (its time minus the adapter-free model's); "
-             "(min) = peft/accel from each method's fastest call"]
+             "(paired per round, median over rounds); (min) = peft/accel from each method's fastest call"]
     header = ["case", "base", "peft", "accel", "wrapped", "+peft", "+accel", "+wrapped", "peft/accel",
               "peft/wrapped", "(min)", "diff", "others%"]
     rows = []
