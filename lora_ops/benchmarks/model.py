@@ -16,6 +16,7 @@ PEFT's before timing.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -168,13 +169,24 @@ def run_case(case: ModelCase, *, device: str | torch.device = "cpu", warmup: int
     switch = {"peft": deaccelerate, "accelerated": accelerate}
     others = OtherCpuMeter()
     per_round = {m: [] for m in METHODS}
+    cpu_round = {m: [] for m in METHODS}
+    n = max(1, reps // max(1, rounds))
     for r in range(max(1, rounds)):
         for m in METHODS:
             if m in switch:
                 switch[m](wl.peft_model)
-            per_round[m].append(time_fn(fns[m], device=device, warmup=warmup if r == 0 else 1,
-                                        reps=max(1, reps // max(1, rounds))))
+            for _ in range(warmup if r == 0 else 1):
+                fns[m]()
+            # process CPU time per call next to the wall clock: on a loaded shared machine it leaves out the
+            # time the process waited for a core (with --threads 1 it is the compute time itself)
+            start = time.process_time()
+            per_round[m].append(time_fn(fns[m], device=device, warmup=0, reps=n))
+            cpu_round[m].append((time.process_time() - start) * 1e3 / n)
     timings = {m: _merge(ts) for m, ts in per_round.items()}
+    for m in METHODS:
+        timings[m]["cpu_ms_per_round"] = cpu_round[m]
+    above_cpu = {m: _median([c - b for c, b in zip(cpu_round[m], cpu_round["base"])]) for m in METHODS
+                 if m != "base"}
     best = {m: t["min_ms"] for m, t in timings.items()}
     # paired by round: a method's cost above base is measured against the base timed right next to it, so the
     # load of other processes (which drifts over seconds) largely cancels; then the median over rounds
@@ -185,8 +197,9 @@ def run_case(case: ModelCase, *, device: str | torch.device = "cpu", warmup: int
     for m in ("accelerated", "wrapped"):
         ratios[f"peft/{m}"] = above["peft"] / above[m] if above[m] > 0 else None
         ratios[f"peft/{m}_min"] = above_min["peft"] / above_min[m] if above_min[m] > 0 else None
+        ratios[f"peft/{m}_cpu"] = above_cpu["peft"] / above_cpu[m] if above_cpu[m] > 0 else None
     return {"case": case.as_dict(), "methods": list(METHODS), "timings": timings, "above_base_ms": above,
-            "above_base_min_ms": above_min, "ratios": ratios, "check": check, "other_cpu_share": others.share()}
+            "above_base_min_ms": above_min, "above_base_cpu_ms": above_cpu, "ratios": ratios, "check": check, "other_cpu_share": others.share()}
 
 
 def _median(values: list) -> float:
@@ -221,9 +234,10 @@ def format_table(result: dict) -> str:
     lines = [f"whole-model forward, mixed adapter batch, on {env['device']} ({where}); torch {env['torch']}, "
              f"peft {env.get('peft')}; {result['settings']['dtype']}, median of {result['settings']['reps']} reps",
              "ms above base = the LoRA cost of each method (its time minus the adapter-free model's); "
-             "(paired per round, median over rounds); (min) = peft/accel from each method's fastest call"]
+             "(paired per round, median over rounds); (min) = peft/accel from each method's fastest call; "
+             "cpu+ = the same from process CPU time per call, (cpu) their peft/accel ratio"]
     header = ["case", "base", "peft", "accel", "wrapped", "+peft", "+accel", "+wrapped", "peft/accel",
-              "peft/wrapped", "(min)", "diff", "others%"]
+              "peft/wrapped", "(min)", "cpu+peft", "cpu+accel", "cpu+wrap", "(cpu)", "diff", "others%"]
     rows = []
     for c in result["cases"]:
         t, a, r = c["timings"], c["above_base_ms"], c["ratios"]
@@ -232,6 +246,8 @@ def format_table(result: dict) -> str:
                      *(f(a[m], ".1f") for m in ("peft", "accelerated", "wrapped")),
                      f(r["peft/accelerated"], ".1f"), f(r["peft/wrapped"], ".1f"),
                      f(r["peft/accelerated_min"], ".1f"),
+                     *(f(c["above_base_cpu_ms"][m], ".1f") for m in ("peft", "accelerated", "wrapped")),
+                     f(r["peft/accelerated_cpu"], ".1f"),
                      f(max(c["check"]["accelerated"], c["check"]["wrapped"]), ".1e"),
                      f(None if c.get("other_cpu_share") is None else 100 * c["other_cpu_share"], ".0f")])
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
