@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lora_ops import _io, ops
-from lora_ops.nn import BASE, AdapterBank, MultiLoRALinear, add_delta, grouped_lora_has_autograd
+from lora_ops.nn import AdapterBank, MultiLoRALinear, add_delta, grouped_lora_has_autograd
 
 __all__ = ["load_adapters", "save_adapter", "accelerate", "deaccelerate"]
 
