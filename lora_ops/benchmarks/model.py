@@ -257,7 +257,7 @@ def format_table(result: dict) -> str:
 
 
 def write_plot(result: dict, out_dir) -> Path:
-    """Bars of the time above the base model per method, one group per case."""
+    """Bars of the time above the base model per method (wall clock and process CPU time), one group per case."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,17 +266,22 @@ def write_plot(result: dict, out_dir) -> Path:
     cases_ = result["cases"]
     labels = {"peft": ("PEFT adapter_names", "C0"), "accelerated": ("PEFT + lora_ops.peft.accelerate", "C3"),
               "wrapped": ("lora_ops.nn.wrap", "C2")}
-    fig, ax = plt.subplots(figsize=(max(5, 3 * len(cases_)), 4))
+    panels = (("above_base_ms", "wall clock"), ("above_base_cpu_ms", "process CPU time"))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 5 * len(cases_)), 4), squeeze=False)
     width = 0.8 / len(labels)
-    for j, (m, (label, color)) in enumerate(labels.items()):
-        ax.bar([i + j * width for i in range(len(cases_))], [c["above_base_ms"][m] for c in cases_], width,
-               label=label, color=color)
-    ax.set_xticks([i + width for i in range(len(cases_))], [c["case"]["name"] for c in cases_], fontsize=7)
-    ax.set_ylabel("ms above the base model")
-    ax.legend(fontsize=8)
+    for ax, (key, title) in zip(axes[0], panels):
+        for j, (m, (label, color)) in enumerate(labels.items()):
+            ax.bar([i + j * width for i in range(len(cases_))], [c[key][m] for c in cases_], width, label=label,
+                   color=color)
+        ax.set_xticks([i + width for i in range(len(cases_))], [c["case"]["name"] for c in cases_], fontsize=7)
+        ax.set_ylabel("ms above the base model")
+        ax.set_title(title, fontsize=9)
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0][0].legend(fontsize=8)
     env = result["environment"]
-    ax.set_title(f"mixed-adapter batch, whole model ({env.get('gpu_name') or env['cpu_model']}, "
-                 f"{env['threads']} threads)", fontsize=9)
+    fig.suptitle(f"mixed-adapter batch, whole model ({env.get('gpu_name') or env['cpu_model']}, "
+                 f"{env['threads']} threads, others used {100 * (result.get('other_cpu_share') or 0):.0f}% CPU)",
+                 fontsize=9)
     fig.tight_layout()
     path = Path(out_dir) / f"{report._stem(result)}.png"
     try:
