@@ -2,9 +2,10 @@
 
     lora-ops bench grouped [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench arrow [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+    lora-ops bench model [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
 
-``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, all); ``grouped`` and
-``arrow`` are implemented so far. Further top-level commands (``merge``, ``reproduce``) get their own sub-parser next to
+``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, model, all). Further top-level
+commands (``merge``, ``reproduce``) get their own sub-parser next to
 ``bench``. Usage errors and failed preconditions print one line on stderr and exit non-zero, without a traceback.
 
 ``bench grouped`` also takes hidden options that shrink the case grid (``--d 64 --n 2 4 --tokens 8 --rank 4
@@ -20,9 +21,10 @@ from typing import Optional, Sequence
 
 __all__ = ["main"]
 
-BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "all")
-KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops"}
-KIND_HELP["arrow"] = "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops"
+BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "model", "all")
+KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops",
+             "arrow": "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops",
+             "model": "whole Llama forward on a mixed-adapter batch: PEFT adapter_names vs accelerate / wrap"}
 
 
 class CliError(Exception):
@@ -65,11 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="kind")
     for kind in BENCH_KINDS:
         p = kinds.add_parser(kind, parents=[common], help=KIND_HELP.get(kind, "not implemented yet"))
-        p.set_defaults(handler=_bench_grouped if kind == "grouped" else _not_implemented)
+        p.set_defaults(handler=_BENCH_HANDLERS.get(kind, _not_implemented))
         if kind == "grouped":
             _add_grouped_sizing(p)
-    kinds.choices["arrow"].set_defaults(handler=_bench_arrow)
-    _add_arrow_sizing(kinds.choices["arrow"])
+        if kind == "model":
+            _add_model_sizing(p)
+        if kind == "arrow":
+            _add_arrow_sizing(p)
     return parser
 
 
@@ -85,7 +89,7 @@ def _add_grouped_sizing(p: argparse.ArgumentParser) -> None:
 
 
 def _not_implemented(args) -> int:
-    raise CliError(f"bench: kind {args.kind!r} is not implemented yet (available: grouped)")
+    raise CliError(f"bench: kind {args.kind!r} is not implemented yet (available: {', '.join(_BENCH_HANDLERS)})")
 
 
 def _prepare_out_dir(out: str) -> str:
@@ -114,7 +118,11 @@ def _select_device(device: str) -> str:
     return device
 
 
-def _bench_grouped(args) -> int:
+def _run_bench(args, name: str, module, case_kwargs: dict, *, default_reps, default_warmup, needs=("peft",),
+               run_kwargs=None) -> int:
+    """Shared driver of every ``bench`` kind: checks, case grid, progress bar, table, JSON + PNG."""
+    import importlib
+
     import torch
 
     device = _select_device(args.device)
@@ -122,36 +130,47 @@ def _bench_grouped(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        import peft  # noqa: F401
-        from tqdm import tqdm
+        for mod in (*needs, "tqdm"):
+            importlib.import_module(mod)
     except ImportError as e:
-        raise CliError(f"bench needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") from None
+        raise CliError(f"bench {name} needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") \
+            from None
+    from tqdm import tqdm
 
-    from lora_ops.benchmarks import grouped, report
-
-    case_list = grouped.cases(quick=args.quick, d=args.d, n_adapters=args.n, dists=args.dists, tokens=args.tokens,
-                              rank=args.rank)
-    reps = args.reps or (20 if args.quick else 40)
-    warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
-
+    try:
+        case_list = module.cases(quick=args.quick, **case_kwargs)
+    except ValueError as e:
+        raise CliError(f"bench {name}: {e}") from None
+    reps = getattr(args, "reps", None) or default_reps
+    warmup = getattr(args, "warmup", None)
+    warmup = default_warmup if warmup is None else warmup
     bars = []
 
     def progress(items):
-        bars.append(tqdm(items, desc="bench grouped", unit="case", file=sys.stderr))
+        bars.append(tqdm(items, desc=f"bench {name}", unit="case", file=sys.stderr))
         return bars[-1]
 
     try:
-        result = grouped.run(case_list, device=device, warmup=warmup, reps=reps, quick=args.quick,
-                             progress=progress)
-    except grouped.ResultMismatchError as e:
-        raise CliError(f"bench grouped: {e}", code=1) from None
+        result = module.run(case_list, device=device, warmup=warmup, reps=reps, progress=progress,
+                            **(run_kwargs or {}))
+    except module.ResultMismatchError as e:
+        raise CliError(f"bench {name}: {e}", code=1) from None
     finally:
         for bar in bars:  # end the bar's line before any error message
             bar.close()
-    print(report.format_table(result))
-    paths = report.write_report(result, out)
+    print(module.format_table(result))
+    paths = module.write_report(result, out)
     print(f"wrote {paths['json']} and {paths['png']}")
     return 0
+
+
+def _bench_grouped(args) -> int:
+    from lora_ops.benchmarks import grouped
+
+    return _run_bench(args, "grouped", grouped,
+                      dict(d=args.d, n_adapters=args.n, dists=args.dists, tokens=args.tokens, rank=args.rank),
+                      default_reps=20 if args.quick else 40, default_warmup=3 if args.quick else 5,
+                      run_kwargs=dict(quick=args.quick))
 
 
 def _add_arrow_sizing(p: argparse.ArgumentParser) -> None:
@@ -166,44 +185,33 @@ def _add_arrow_sizing(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_arrow(args) -> int:
-    import torch
-
-    device = _select_device(args.device)
-    out = _prepare_out_dir(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        import peft  # noqa: F401
-        from tqdm import tqdm
-    except ImportError as e:
-        raise CliError(f"bench needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") from None
-
     from lora_ops.benchmarks import arrow
 
-    try:
-        case_list = arrow.cases(quick=args.quick, d=args.d, n_experts=args.experts, tokens=args.tokens,
-                                rank=args.rank, top_k=args.top_k)
-    except ValueError as e:
-        raise CliError(f"bench arrow: {e}") from None
-    reps = args.reps or (10 if args.quick else 30)
-    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    bars = []
+    return _run_bench(args, "arrow", arrow,
+                      dict(d=args.d, n_experts=args.experts, tokens=args.tokens, rank=args.rank, top_k=args.top_k),
+                      default_reps=10 if args.quick else 30, default_warmup=2 if args.quick else 5,
+                      run_kwargs=dict(quick=args.quick))
 
-    def progress(items):
-        bars.append(tqdm(items, desc="bench arrow", unit="case", file=sys.stderr))
-        return bars[-1]
 
-    try:
-        result = arrow.run(case_list, device=device, warmup=warmup, reps=reps, quick=args.quick, progress=progress)
-    except arrow.ResultMismatchError as e:
-        raise CliError(f"bench arrow: {e}", code=1) from None
-    finally:
-        for bar in bars:
-            bar.close()
-    print(arrow.format_table(result))
-    paths = arrow.write_report(result, out)
-    print(f"wrote {paths['json']} and {paths['png']}")
-    return 0
+def _add_model_sizing(p: argparse.ArgumentParser) -> None:
+    hide = argparse.SUPPRESS  # testing knobs: the published case is fixed by --quick
+    for flag in ("--hidden", "--layers", "--intermediate", "--vocab", "--adapters", "--rank", "--seqs", "--seq-len",
+                 "--reps"):
+        p.add_argument(flag, type=_positive_int, help=hide)
+    p.add_argument("--warmup", type=int, help=hide)
+
+
+def _bench_model(args) -> int:
+    from lora_ops.benchmarks import model
+
+    sizing = {k: getattr(args, k) for k in ("hidden", "layers", "intermediate") if getattr(args, k)}
+    sizing.update({k: v for k, v in (("vocab", args.vocab), ("n_adapters", args.adapters), ("rank", args.rank),
+                                     ("seqs", args.seqs), ("seq_len", args.seq_len)) if v})
+    return _run_bench(args, "model", model, sizing, default_reps=18, default_warmup=2,  # 6 rounds of 3
+                      needs=("peft", "transformers"))
+
+
+_BENCH_HANDLERS = {"grouped": _bench_grouped, "model": _bench_model, "arrow": _bench_arrow}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

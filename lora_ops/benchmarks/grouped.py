@@ -310,3 +310,17 @@ def run(case_list: Iterable[GroupedCase], *, device: str | torch.device = "cpu",
         "other_cpu_share": others.share(),
         "cases": results,
     }
+
+
+def format_table(result: dict) -> str:
+    """The aligned text table of a run (see lora_ops.benchmarks.report)."""
+    from lora_ops.benchmarks import report
+
+    return report.format_table(result)
+
+
+def write_report(result: dict, out_dir) -> dict:
+    """JSON + PNG of a run, written atomically (see lora_ops.benchmarks.report)."""
+    from lora_ops.benchmarks import report
+
+    return report.write_report(result, out_dir)
