@@ -30,7 +30,7 @@ def _extension():
     )
     debug = os.environ.get("LORA_OPS_DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fopenmp", "-DLORA_OPS_PYTHON_MODULE", "-DPy_LIMITED_API=0x03090000"]
+    cxx += ["-fopenmp", "-DLORA_OPS_PYTHON_MODULE"]  # cpp_extension defines Py_LIMITED_API itself
     kwargs = dict(
         name="lora_ops._C",
         sources=sources,
@@ -51,5 +51,5 @@ def _extension():
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
