@@ -170,7 +170,8 @@ def _add_reproduce(commands) -> None:
     p.add_argument("--cache", metavar="DIR", help="where the pre-trained tiny base is cached (default: "
                                                   "$LORA_OPS_CACHE or results/.cache)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, base and training (default: 0)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch intra-op threads (default: 1 for the tiny base, torch's choice with --model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_reproduce)
 
@@ -180,8 +181,10 @@ def _reproduce(args) -> int:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # The tiny base is far too small for intra-op threads to pay off; on a busy machine they make it many times
+    # slower (threads spin while waiting for each other). Real models keep torch's default unless --threads.
+    if args.threads or not args.model:
+        torch.set_num_threads(args.threads or 1)
     for opt, path in (("--data", args.data), ("--model", args.model)):
         if path and not os.path.isdir(path):
             raise CliError(f"{opt} {path}: not a folder")

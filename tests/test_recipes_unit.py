@@ -8,6 +8,15 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: intra-op threads only add synchronisation (and spin badly on a loaded machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 from lora_ops.recipes import adapters as ad  # noqa: E402
 from lora_ops.recipes import data, ilora, seeded_lora, train  # noqa: E402
 from lora_ops.recipes.model import TinyConfig, build_tiny_llama  # noqa: E402
@@ -259,3 +268,36 @@ def test_lr_schedule():
     assert train.lr_factor(60, train.TrainConfig(steps=110, warmup=10, schedule="linear")) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="schedule"):
         train.lr_factor(20, train.TrainConfig(schedule="step"))
+
+
+class _Bigram(torch.nn.Module):
+    """Logits depend only on the current token: greedy chains are easy to reason about."""
+
+    def __init__(self, vocab, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randn(vocab, vocab, generator=g)
+        table[:, [data.CharTokenizer.PAD, data.CharTokenizer.UNK]] = -1e9
+        table[torch.randperm(vocab, generator=g)[: vocab // 3], data.CharTokenizer.EOS] = 1e3  # chains end
+        self.table = table
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_teacher_forced_exact_match_equals_greedy_generation():
+    from lora_ops.recipes import eval as ev
+
+    tok = data.CharTokenizer.default()
+    ds = data.synthetic(seed=2, n_train=1, n_valid=1, n_test=20, n_general=1, tasks=["rev", "inc"])
+    model = _Bigram(tok.vocab_size, 0)
+    preds = ev.greedy(model, tok, [e.prompt for e in ds.test], max_new=12, max_len=48)
+    ended = [(e, p) for e, p in zip(ds.test, preds) if len(p) < 11]  # greedy stopped at end-of-text
+    assert len(ended) >= 5
+    hits = [data.Example("t", e.prompt, p) for e, p in ended]
+    assert ev.evaluate(model, tok, hits, max_len=48)["t"]["acc"] == 1.0
+    misses = [data.Example("t", e.prompt, p + "a") for e, p in ended] + \
+             [data.Example("t", e.prompt, p[:-1]) for e, p in ended if p]
+    assert ev.evaluate(model, tok, misses, max_len=48)["t"]["acc"] == 0.0

@@ -1,8 +1,10 @@
 """Evaluation: greedy exact-match accuracy and answer LM loss per task, and LM loss on general text.
 
-Generation is greedy with left padding (explicit position ids), batched, and stops at end-of-text or after
-``max_new`` tokens; the prediction is the decoded text before the first end-of-text, compared exactly (after
-stripping surrounding spaces) with the answer.
+Exact match of greedy decoding is computed from one teacher-forced pass: greedy decoding produces the answer tokens
+followed by end-of-text if and only if, at every answer position, the arg-max of the logits given the correct
+prefix is the correct next token (each greedy step sees exactly that prefix as long as all earlier steps were
+right). This is the same number as generating, at the cost of a single forward pass, which also gives the loss.
+:func:`greedy` (real generation, left padded) is there to look at the outputs.
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ def greedy(model, tok, prompts: Sequence[str], max_new: int, max_len: int = 64) 
 
 
 @torch.no_grad()
-def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, max_len: int = 64,
-             generate: bool = True) -> Dict[str, dict]:
+def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, max_len: int = 64) -> Dict[str, dict]:
     """``{task: {"acc": exact-match fraction, "loss": answer token-mean CE, "n": rows}}``."""
     model.eval()
     by_task: Dict[str, List[Example]] = defaultdict(list)
@@ -59,19 +60,17 @@ def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, m
     result = {}
     for task, exs in sorted(by_task.items()):
         correct, ce_sum, tokens = 0, 0.0, 0
-        max_new = max(len(tok.encode(e.answer)) for e in exs) + 1
         for i in range(0, len(exs), batch_size):
             chunk = exs[i:i + batch_size]
             rows = [encode_example(tok, e, max_len) for e in chunk]
             ids, mask, att = collate(rows, 0)
-            ce = token_ce(model(input_ids=ids, attention_mask=att).logits, ids, mask)
+            logits = model(input_ids=ids, attention_mask=att).logits
+            ce = token_ce(logits, ids, mask)
             ce_sum += float(ce.sum())
             tokens += int(mask[:, 1:].sum())
-            if generate:
-                preds = greedy(model, tok, [e.prompt for e in chunk], max_new, max_len)
-                correct += sum(p.strip() == e.answer.strip() for p, e in zip(preds, chunk))
-        result[task] = {"acc": correct / len(exs) if generate else None, "loss": ce_sum / max(1, tokens),
-                        "n": len(exs)}
+            hit = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask[:, 1:]
+            correct += int(hit.all(-1).sum())
+        result[task] = {"acc": correct / len(exs), "loss": ce_sum / max(1, tokens), "n": len(exs)}
     return result
 
 
