@@ -81,7 +81,7 @@ def load_model(path) -> Tuple[torch.nn.Module, object]:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {path}: not a folder")
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     model.eval()
     char_tok = path / "char_tokenizer.json"
     if char_tok.is_file():
