@@ -28,7 +28,7 @@ TINY_BASE = BaseSpec(tiny=TinyConfig(16, 1, 2, 32, 32), pretrain_steps=8, pretra
 
 def tiny_ilora():
     return ilora.ILoRAConfig(base=TINY_BASE, tasks=("rev", "up"), r=2, alpha=4.0, steps=3, batch_size=4,
-                             general_batch=4, n_general_eval=8)
+                             general_batch=4, n_general_eval=8, eval_every=2)
 
 
 def tiny_seeded():
@@ -71,6 +71,8 @@ def test_ilora_runs_end_to_end_and_is_deterministic(tmp_path, cache):
     assert "Scalability" in md and "ablation a" in md and "ablation b" in md
     saved = json.loads((out / "results.json").read_text())
     assert saved["tasks"] == ["rev", "up"]
+    curve = p1["valid_curves"]["routing"]["rev"]  # validation every 2 steps of 3
+    assert [c["step"] for c in curve] == [2] and 0.0 <= curve[0]["acc"] <= 1.0 and curve[0]["loss"] > 0
     # routing tuning actually ran: its KL / activation terms were logged, the plain adapters have none
     assert "kl" in p1["train_final"]["routing"]["rev"] and "kl" not in p1["train_final"]["plain"]["rev"]
 

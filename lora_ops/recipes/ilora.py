@@ -55,13 +55,15 @@ class ILoRAConfig:
     eps: Tuple[float, float, float] = (1.0, 1.0, 0.1)  # (ε1 CE, ε2 KL, ε3 activation)
     energy: float = 0.8
     n_general_eval: int = 512
+    eval_every: int = 100  # validation accuracy / loss in the training log (results.json: "curves")
     seed: int = 0
 
 
 def quick_config() -> ILoRAConfig:
-    return ILoRAConfig(base=BaseSpec(tiny=TinyConfig(64, 2, 4, 128), pretrain_steps=250, n_train=200, n_test=32,
+    return ILoRAConfig(base=BaseSpec(tiny=TinyConfig(64, 2, 4, 128), pretrain_steps=200, n_train=200, n_test=32,
                                      n_general=2000),
-                       tasks=("rev", "inc", "get", "up"), steps=100, n_general_eval=256)
+                       tasks=("rev", "inc", "get", "up"), steps=100, general_batch=16, n_general_eval=256,
+                       eval_every=50)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,11 +177,11 @@ def average_merge(adapters: Sequence[ad.Adapter], rank: int) -> ad.Adapter:
 
 def _train_task_adapters(setup, cfg: ILoRAConfig, tasks, eps, out: Path, tag: str, progress: bool):
     gen_rows = [train.encode_text(setup.tok, t, setup.max_len) for t in setup.data.general]
-    adapters, logs = [], {}
+    adapters, logs, curves = [], {}, {}
     for i, task in enumerate(tasks):
         exs = [e for e in setup.data.train if e.task == task]
         tcfg = train.TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.steps // 10,
-                                 seed=cfg.seed + 1000 * i, desc=f"{tag}:{task}")
+                                 seed=cfg.seed + 1000 * i, desc=f"{tag}:{task}", eval_every=cfg.eval_every)
 
         def extra(gen):
             return [gen_rows[j] for j in torch.randint(len(gen_rows), (cfg.general_batch,), generator=gen).tolist()]
@@ -188,10 +190,12 @@ def _train_task_adapters(setup, cfg: ILoRAConfig, tasks, eps, out: Path, tag: st
         state, log = train.train_lora(setup.model, setup.tok, exs, tcfg, train.LoRAConfig(cfg.r, cfg.alpha),
                                       max_len=setup.max_len, loss_fn=functools.partial(routing_loss, eps=eps),
                                       extra_rows=extra if use_general else None,
-                                      save_to=out / "adapters" / tag / task, progress=progress)
+                                      save_to=out / "adapters" / tag / task, progress=progress,
+                                      valid=[e for e in setup.data.valid if e.task == task])
         adapters.append(ad.factors_from_peft(state, cfg.alpha / cfg.r))
         logs[task] = log[-1]
-    return adapters, logs
+        curves[task] = [{"step": e["step"] + 1, **e["eval"][task]} for e in log if "eval" in e]
+    return adapters, logs, curves
 
 
 def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=None, progress: bool = True) -> dict:
@@ -203,6 +207,8 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
     missing = [t for t in tasks if t not in setup.data.train_tasks]
     if missing:
         raise ValueError(f"ilora: tasks {missing} have no training rows")
+    if (cfg.eps[1] or cfg.eps[2]) and not setup.data.general:
+        raise ValueError("ilora: routing tuning (ε2, ε3 > 0) needs general text: add general.jsonl to --data")
     test = [e for e in setup.data.test if e.task in tasks]
     general = setup.data.general[-cfg.n_general_eval:] if setup.data.general else []
     tok, base = setup.tok, setup.model
@@ -213,8 +219,8 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
 
     base_scores, base_general = score(base)
     plain_eps = (1.0, 0.0, 0.0)
-    routed, routed_logs = _train_task_adapters(setup, cfg, tasks, cfg.eps, out, "routing", progress)
-    plain, plain_logs = _train_task_adapters(setup, cfg, tasks, plain_eps, out, "plain", progress)
+    routed, routed_logs, routed_curves = _train_task_adapters(setup, cfg, tasks, cfg.eps, out, "routing", progress)
+    plain, plain_logs, plain_curves = _train_task_adapters(setup, cfg, tasks, plain_eps, out, "plain", progress)
 
     own = {}
     for tag, adapters_ in (("routing", routed), ("plain", plain)):
@@ -253,6 +259,7 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
                  "general_loss": base_general},
         "own_adapter": {tag: {"per_task": v, "mean_acc": ev.mean_accuracy(v, tasks)} for tag, v in own.items()},
         "train_final": {"routing": routed_logs, "plain": plain_logs},
+        "valid_curves": {"routing": routed_curves, "plain": plain_curves},
         "methods": methods, "seconds": time.time() - t0,
     }
     if train.rank() == 0:

@@ -59,9 +59,9 @@ class SeededConfig:
 
 
 def quick_config() -> SeededConfig:
-    return SeededConfig(base=BaseSpec(tiny=TinyConfig(64, 2, 4, 128), pretrain_steps=250, n_train=200, n_test=32,
+    return SeededConfig(base=BaseSpec(tiny=TinyConfig(64, 2, 4, 128), pretrain_steps=200, n_train=200, n_test=32,
                                       n_general=2000),
-                        tasks=("rev", "sort", "inc", "max", "get", "up"), seed_steps=60, expert_steps=80,
+                        tasks=("rev", "sort", "inc", "max", "get", "up"), seed_steps=40, expert_steps=60,
                         timing_reps=5)
 
 

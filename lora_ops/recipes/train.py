@@ -249,6 +249,7 @@ def save_lora(peft_model, path) -> None:
 def train_lora(base, tok, examples: Sequence[Example], cfg: TrainConfig, lcfg: LoRAConfig, *, max_len: int = 64,
                init: Optional[Dict[str, torch.Tensor]] = None, loss_fn: Optional[Callable] = None,
                extra_rows: Optional[Callable[[torch.Generator], List[dict]]] = None, save_to=None,
+               valid: Optional[Sequence[Example]] = None,
                progress: bool = True) -> Tuple[Dict[str, torch.Tensor], List[dict]]:
     """Trains one LoRA on ``examples``; returns (PEFT state dict, log).
 
@@ -268,7 +269,13 @@ def train_lora(base, tok, examples: Sequence[Example], cfg: TrainConfig, lcfg: L
 
     fn = loss_fn or lm_loss
     trainable = [p for n, p in model.named_parameters() if "lora_" in n]
-    log = fit(model, trainable, make_batch, fn, cfg, progress=progress)
+    eval_fn = None
+    if valid:
+        from lora_ops.recipes.eval import evaluate
+
+        def eval_fn(m):
+            return evaluate(m, tok, valid, max_len=max_len)
+    log = fit(model, trainable, make_batch, fn, cfg, eval_fn=eval_fn, progress=progress)
     if save_to is not None:
         save_lora(model, save_to)
     return lora_state_dict(model), log
