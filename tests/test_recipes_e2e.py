@@ -113,3 +113,13 @@ def test_recipe_on_a_user_data_folder(tmp_path, cache):
     cfg = tiny_ilora()
     p = ilora.run(cfg, tmp_path / "out", data_dir=tmp_path / "data", cache_dir=cache, progress=False)
     assert p["source"]["data"].endswith("data") and p["tasks"] == ["rev", "up"]
+
+
+def test_data_folder_without_general_text_fails_clearly(tmp_path, cache):
+    from lora_ops.recipes import data
+
+    ds = data.synthetic(seed=5, n_train=4, n_valid=1, n_test=1, n_general=4, tasks=["rev"])
+    data.save_dir(ds, tmp_path)
+    (tmp_path / "general.jsonl").unlink()
+    with pytest.raises(ValueError, match="general"):
+        ilora.run(tiny_ilora(), tmp_path / "out", data_dir=tmp_path, cache_dir=cache, progress=False)
