@@ -33,7 +33,8 @@ def tiny_ilora():
 
 def tiny_seeded():
     return seeded_lora.SeededConfig(base=TINY_BASE, tasks=("rev", "up"), r=2, alpha=4.0, seed_fraction=0.25,
-                                    seed_steps=2, expert_steps=2, batch_size=4, timing_reps=1)
+                                    seed_steps=2, expert_steps=2, batch_size=4, timing_reps=1,
+                                    layer_timing_size=(64, 16))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,8 @@ def test_seeded_lora_runs_end_to_end(tmp_path, cache):
     for agg, t in p["timing"].items():
         assert t["lora_ops_ms"] > 0 and t["loop_ms"] > 0
         assert t["max_abs_diff"] < 1e-3, agg  # both backends compute the same combination
+    assert set(p["layer_timing"]) == set(seeded_lora.AGGREGATIONS)
+    assert all(t["max_abs_diff"] < 1e-3 for t in p["layer_timing"].values())
     for f in ("results.json", "results.md", "summary.png", "timing.png"):
         assert (tmp_path / f).is_file(), f
 

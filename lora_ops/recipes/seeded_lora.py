@@ -55,6 +55,7 @@ class SeededConfig:
     lr: float = 1e-2
     temperature: float = 0.1  # for similarity weights: |⟨x, v⟩| of unit v is small, so a sharp softmax
     timing_reps: int = 10
+    layer_timing_size: Tuple[int, int] = (1024, 256)  # (d, tokens) of the single-layer timing at a realistic width
     seed: int = 0
 
 
@@ -155,12 +156,14 @@ def run(cfg: SeededConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=
                                   for t in tasks},
     }
     timing = time_aggregations(base, experts["random"], tok, test, setup.max_len, kw, cfg.timing_reps)
+    layer_timing = time_layer_aggregations(cfg.layer_timing_size, len(domains), cfg.r, cfg.timing_reps)
     summary = {name: {"train_acc": ev.mean_accuracy(r, tasks), "heldout_acc": ev.mean_accuracy(r, held_out),
                       "heldout_loss": sum(r[t]["loss"] for t in held_out) / max(1, len(held_out))}
                for name, r in results.items()}
     payload = {"recipe": "seeded-lora", "config": _jsonable(asdict(cfg)), "source": setup.source, "tasks": tasks,
                "held_out": held_out, "domains": domains, "results": results, "summary": summary,
                "expert_alone": alone, "interference": interference, "timing": timing,
+               "layer_timing": layer_timing,
                "seconds": time.time() - t0}
     if train.rank() == 0:
         write(payload, out)
@@ -184,6 +187,31 @@ def time_aggregations(base, experts, tok, test, max_len, kw, reps) -> dict:
                 t = time_fn(lambda m=m: m(input_ids=ids, attention_mask=att), warmup=2, reps=reps)
                 entry[f"{b}_ms"] = t.median_ms
                 entry[f"{b}_iqr_ms"] = t.iqr_ms
+        entry["speedup"] = entry["loop_ms"] / entry["lora_ops_ms"]
+        out[agg] = entry
+    return out
+
+
+def time_layer_aggregations(size: Tuple[int, int], n: int, r: int, reps: int) -> dict:
+    """The same comparison on one ``d × d`` layer with random experts (the tiny model's layers are too small for
+    the kernels to matter): forward time per aggregation, lora_ops vs loop."""
+    from lora_ops.benchmarks.timing import time_fn
+
+    d, tokens = size
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(d, d, bias=False)
+    experts = [ad.Factors(torch.randn(r, d, generator=g) / d ** 0.5, torch.randn(d, r, generator=g) / r ** 0.5, 2.0)
+               for _ in range(n)]
+    x = torch.randn(tokens, d, generator=g)
+    out = {}
+    for agg in AGGREGATIONS:
+        kw = {"weights": list(range(1, n + 1))} if agg == "weighted" else {}
+        layers = {b: ad.MixedLoRALinear(base, experts, agg, backend=b, **kw) for b in ("lora_ops", "loop")}
+        with torch.no_grad():
+            entry = {"d": d, "tokens": tokens, "n": n, "r": r,
+                     "max_abs_diff": float((layers["lora_ops"](x) - layers["loop"](x)).abs().max())}
+            for b, layer in layers.items():
+                entry[f"{b}_ms"] = time_fn(lambda layer=layer: layer(x), warmup=2, reps=reps).median_ms
         entry["speedup"] = entry["loop_ms"] / entry["lora_ops_ms"]
         out[agg] = entry
     return out
@@ -213,6 +241,14 @@ def markdown(p: dict) -> str:
             for a, t in p["timing"].items()]
     lines.append(res.markdown_table(["aggregation", "tokens", "lora_ops ms", "loop ms", "loop / lora_ops",
                                      "max abs Δ logit"], rows))
+    if p.get("layer_timing"):
+        first = next(iter(p["layer_timing"].values()))
+        lines += [f"One {first['d']}×{first['d']} layer, {first['tokens']} tokens, N = {first['n']} experts of "
+                  f"rank {first['r']} (delta + base matmul):", ""]
+        rows = [[a, t["lora_ops_ms"], t["loop_ms"], t["speedup"], t["max_abs_diff"]]
+                for a, t in p["layer_timing"].items()]
+        lines.append(res.markdown_table(["aggregation", "lora_ops ms", "loop ms", "loop / lora_ops",
+                                         "max abs Δ output"], rows))
     return "\n".join(lines)
 
 
