@@ -28,7 +28,8 @@ TINY_BASE = BaseSpec(tiny=TinyConfig(16, 1, 2, 32, 32), pretrain_steps=8, pretra
 
 def tiny_ilora():
     return ilora.ILoRAConfig(base=TINY_BASE, tasks=("rev", "up"), r=2, alpha=4.0, steps=3, batch_size=4,
-                             general_batch=4, n_general_eval=8, eval_every=2)
+                             general_batch=4, n_general_eval=8, eval_every=2,
+                             sweep=((0.8, 2), (1.0, 0)))
 
 
 def tiny_seeded():
@@ -72,6 +73,7 @@ def test_ilora_runs_end_to_end_and_is_deterministic(tmp_path, cache):
     assert "Scalability" in md and "ablation a" in md and "ablation b" in md
     saved = json.loads((out / "results.json").read_text())
     assert saved["tasks"] == ["rev", "up"]
+    assert [s["rank"] for s in p1["merge_sweep"]] == [2, "full", "full"]
     curve = p1["valid_curves"]["routing"]["rev"]  # validation every 2 steps of 3
     assert [c["step"] for c in curve] == [2] and 0.0 <= curve[0]["acc"] <= 1.0 and curve[0]["loss"] > 0
     # routing tuning actually ran: its KL / activation terms were logged, the plain adapters have none

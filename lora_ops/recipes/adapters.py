@@ -24,7 +24,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Factors", "factors_from_peft", "peft_from_factors", "combine", "MixedLoRALinear", "top_right_singular"]
+__all__ = ["Factors", "factors_from_peft", "peft_from_factors", "combine", "MixedLoRALinear", "top_right_singular",
+           "adapter_from_dense", "dense"]
 
 MODES = ("mean", "weighted", "similarity", "maxpool")
 
@@ -170,15 +171,19 @@ def combine(base: nn.Module, adapters: Sequence[Adapter], mode: str = "mean", *,
     return model.eval()
 
 
-def adapter_from_dense(deltas: Mapping[str, torch.Tensor], rank: int) -> Adapter:
-    """Rank-``rank`` factors (scale 1, ``sqrt(S)`` in each factor) of dense per-module deltas by truncated SVD."""
+def adapter_from_dense(deltas: Mapping[str, torch.Tensor], rank: Optional[int]) -> Adapter:
+    """Rank-``rank`` factors (scale 1, ``sqrt(S)`` in each factor) of dense per-module deltas by truncated SVD.
+
+    ``rank=None`` keeps every module's full rank (an exact factorisation).
+    """
     out: Adapter = {}
     for path, d in deltas.items():
         u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
-        k = min(rank, s.shape[0])
+        rank_ = rank or s.shape[0]
+        k = min(rank_, s.shape[0])
         root = s[:k].sqrt()
-        a = torch.zeros(rank, d.shape[1], dtype=torch.float64)
-        b = torch.zeros(d.shape[0], rank, dtype=torch.float64)
+        a = torch.zeros(rank_, d.shape[1], dtype=torch.float64)
+        b = torch.zeros(d.shape[0], rank_, dtype=torch.float64)
         a[:k] = root[:, None] * vh[:k]
         b[:, :k] = u[:, :k] * root[None, :]
         out[path] = Factors(a.to(d.dtype), b.to(d.dtype), 1.0)

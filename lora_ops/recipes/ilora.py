@@ -55,7 +55,9 @@ class ILoRAConfig:
     eps: Tuple[float, float, float] = (1.0, 1.0, 0.1)  # (ε1 CE, ε2 KL, ε3 activation)
     energy: float = 0.8
     n_general_eval: int = 512
-    eval_every: int = 100  # validation accuracy / loss in the training log (results.json: "curves")
+    eval_every: int = 100  # validation accuracy / loss in the training log (results.json: "valid_curves")
+    # merge sensitivity on the same routing-tuned adapters: (energy, stored rank; 0 = full rank) of iterative max
+    sweep: Tuple[Tuple[float, int], ...] = ((0.8, 8), (1.0, 8), (0.8, 32), (1.0, 0))
     seed: int = 0
 
 
@@ -150,8 +152,8 @@ def max_by_magnitude(m: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.where(d.abs() > m.abs(), d, m)
 
 
-def iterative_max(adapters: Sequence[ad.Adapter], rank: int, energy: float = 0.8) -> List[ad.Adapter]:
-    """The rank-``rank`` merge after each arrival: element t is the merge of adapters[:t+1]."""
+def iterative_max(adapters: Sequence[ad.Adapter], rank: Optional[int], energy: float = 0.8) -> List[ad.Adapter]:
+    """The rank-``rank`` merge after each arrival: element t is the merge of adapters[:t+1] (None: full rank)."""
     merged: Optional[Dict[str, torch.Tensor]] = None
     history = []
     for adapter in adapters:
@@ -166,7 +168,7 @@ def iterative_max(adapters: Sequence[ad.Adapter], rank: int, energy: float = 0.8
     return history
 
 
-def average_merge(adapters: Sequence[ad.Adapter], rank: int) -> ad.Adapter:
+def average_merge(adapters: Sequence[ad.Adapter], rank: Optional[int]) -> ad.Adapter:
     """Average of products ``(1/T) Σ ΔW_t`` stored at rank ``rank``."""
     deltas = [ad.dense(a) for a in adapters]
     return ad.adapter_from_dense({p: sum(d[p] for d in deltas) / len(deltas) for p in deltas[0]}, rank)
@@ -253,6 +255,14 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
                                    {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha,
                                     "target_modules": sorted({p.rsplit(".", 1)[1] for p in hist[-1]}),
                                     "task_type": "CAUSAL_LM", "bias": "none", "lora_dropout": 0.0})
+    sweep = []
+    for energy, rank in cfg.sweep:
+        merged = iterative_max(routed, rank or None, energy)[-1]
+        r = ev.evaluate(ad.combine(base, [merged]), tok, test, max_len=setup.max_len)
+        sweep.append({"merge": "iterative max", "energy": energy, "rank": rank or "full",
+                      "mean_acc": ev.mean_accuracy(r, tasks)})
+    r = ev.evaluate(ad.combine(base, [average_merge(routed, None)]), tok, test, max_len=setup.max_len)
+    sweep.append({"merge": "average of products", "energy": 1.0, "rank": "full", "mean_acc": ev.mean_accuracy(r, tasks)})
     payload = {
         "recipe": "ilora", "config": _jsonable(asdict(cfg)), "source": setup.source, "tasks": tasks,
         "base": {"per_task": base_scores, "mean_acc": ev.mean_accuracy(base_scores, tasks),
@@ -260,7 +270,7 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
         "own_adapter": {tag: {"per_task": v, "mean_acc": ev.mean_accuracy(v, tasks)} for tag, v in own.items()},
         "train_final": {"routing": routed_logs, "plain": plain_logs},
         "valid_curves": {"routing": routed_curves, "plain": plain_curves},
-        "methods": methods, "seconds": time.time() - t0,
+        "methods": methods, "merge_sweep": sweep, "seconds": time.time() - t0,
     }
     if train.rank() == 0:
         write(payload, out)
@@ -295,6 +305,10 @@ def markdown(p: dict) -> str:
     headers = ["t"] + [short[n] for n in names]
     rows = [[t + 1] + [p["methods"][n]["scalability"][t] for n in names] for t in range(len(tasks))]
     lines.append(res.markdown_table(headers, rows))
+    if p.get("merge_sweep"):
+        lines += ["## Merge sensitivity (routing-tuned adapters, all T tasks merged)", ""]
+        rows = [[s["merge"], s["energy"], s["rank"], s["mean_acc"]] for s in p["merge_sweep"]]
+        lines.append(res.markdown_table(["merge", "energy kept", "stored rank", "mean acc"], rows))
     lines += ["Own adapters' final training loss (routing tuned: ce / kl / act):", ""]
     rows = [[t, p["train_final"]["routing"][t].get("ce"), p["train_final"]["routing"][t].get("kl"),
              p["train_final"]["routing"][t].get("act"), p["train_final"]["plain"][t].get("ce")] for t in tasks]
