@@ -8,14 +8,7 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: intra-op threads only add synchronisation (and spin badly on a loaded machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from recipes_support import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 
 from lora_ops.recipes import adapters as ad  # noqa: E402
 from lora_ops.recipes import data, ilora, seeded_lora, train  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Sequence
 
 from lora_ops._io import atomic_write, atomic_write_json, atomic_write_text
 
