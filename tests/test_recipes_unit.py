@@ -294,3 +294,30 @@ def test_teacher_forced_exact_match_equals_greedy_generation():
     misses = [data.Example("t", e.prompt, p + "a") for e, p in ended] + \
              [data.Example("t", e.prompt, p[:-1]) for e, p in ended if p]
     assert ev.evaluate(model, tok, misses, max_len=48)["t"]["acc"] == 0.0
+
+
+def test_saved_adapters_load_in_peft_with_the_same_outputs(tiny, tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    tok, base = tiny
+    ds = data.synthetic(seed=0, n_train=8, n_valid=1, n_test=1, n_general=1, tasks=["rev"])
+    cfg = train.TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup=0)
+    state, _ = train.train_lora(base, tok, ds.train, cfg, train.LoRAConfig(r=2, alpha=4.0), max_len=32,
+                                save_to=tmp_path / "a", progress=False)
+    ids = torch.tensor([tok.encode("rev:abcd=dcba")])
+    ours = ad.combine(base, [ad.factors_from_peft(state, 2.0)])
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+    # a merged adapter written with another alpha folds the scale into B and still loads exactly
+    from lora_ops._io import write_peft_adapter_dir
+
+    merged = ilora.average_merge([ad.factors_from_peft(state, 2.0)], rank=3)
+    write_peft_adapter_dir(tmp_path / "m", ad.peft_from_factors(merged, alpha=6.0),
+                           {"peft_type": "LORA", "r": 3, "lora_alpha": 6.0, "task_type": "CAUSAL_LM",
+                            "target_modules": list(train.LoRAConfig().targets), "bias": "none"})
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "m")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
