@@ -121,3 +121,36 @@ def test_data_folder_without_general_text_fails_clearly(tmp_path, cache):
     (tmp_path / "general.jsonl").unlink()
     with pytest.raises(ValueError, match="general"):
         ilora.run(tiny_ilora(), tmp_path / "out", data_dir=tmp_path, cache_dir=cache, progress=False)
+
+
+def _local_hf_model(path):
+    """A folder like a user's --model: a Llama and a fast tokenizer saved with save_pretrained (no download)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + " .,:;|=+-*()[]<>!?'"
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(str(path))
+    from lora_ops.recipes.model import build_tiny_llama
+
+    build_tiny_llama(len(vocab), TinyConfig(16, 1, 2, 32, 128), seed=0).save_pretrained(str(path))
+
+
+def test_recipes_take_a_local_transformers_model(tmp_path):
+    from lora_ops.recipes import data
+    from lora_ops.recipes.model import HFTokenizer, load_model
+
+    _local_hf_model(tmp_path / "model")
+    model, tok = load_model(tmp_path / "model")
+    assert isinstance(tok, HFTokenizer) and tok.encode("ab=") == [3, 4, tok.encode("=")[0]]
+    ds = data.synthetic(seed=5, n_train=16, n_valid=2, n_test=4, n_general=64, tasks=["rev", "up"])
+    data.save_dir(ds, tmp_path / "data")
+    p = seeded_lora.run(tiny_seeded(), tmp_path / "out", data_dir=tmp_path / "data", model_dir=tmp_path / "model",
+                        progress=False)
+    assert p["source"]["model"].endswith("model") and set(p["tasks"]) == {"rev", "up"}
+    assert (tmp_path / "out" / "results.md").is_file()
