@@ -4,6 +4,8 @@
     lora-ops bench arrow [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench model [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
 
+    lora-ops reproduce ilora|seeded-lora [--quick] [--data DIR] [--model DIR] [--out DIR]
+
 ``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, model, all). Further top-level
 commands (``merge``, ``reproduce``) get their own sub-parser next to
 ``bench``. Usage errors and failed preconditions print one line on stderr and exit non-zero, without a traceback.
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_model_sizing(p)
         if kind == "arrow":
             _add_arrow_sizing(p)
+    _add_reproduce(commands)
     return parser
 
 
@@ -212,6 +215,67 @@ def _bench_model(args) -> int:
 
 
 _BENCH_HANDLERS = {"grouped": _bench_grouped, "model": _bench_model, "arrow": _bench_arrow}
+
+# --- reproduce: paper recipes (lora_ops.recipes) -------------------------------------------------------------
+
+RECIPES = ("ilora", "seeded-lora")
+
+
+def _add_reproduce(commands) -> None:
+    p = commands.add_parser("reproduce", help="run a paper's recipe with its ablations; write table, JSON, plots",
+                            description="Reproduce a paper's procedure and ablations on the offline synthetic "
+                                        "testbed (or on --data / --model); writes results.json, results.md and "
+                                        "PNG plots to --out. Runs unchanged under torchrun (DDP).")
+    p.add_argument("recipe", choices=RECIPES)
+    p.add_argument("--quick", action="store_true", help="small configuration (a few minutes on a laptop CPU)")
+    p.add_argument("--data", metavar="DIR", help="folder with train/valid/test.jsonl (+ general.jsonl)")
+    p.add_argument("--model", metavar="DIR", help="local causal LM folder (transformers); default: tiny Llama")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: results/<recipe>)")
+    p.add_argument("--cache", metavar="DIR", help="where the pre-trained tiny base is cached (default: "
+                                                  "$LORA_OPS_CACHE or results/.cache)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, base and training (default: 0)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch intra-op threads (default: 1 for the tiny base, torch's choice with --model)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_reproduce)
+
+
+def _reproduce(args) -> int:
+    import dataclasses
+
+    import torch
+
+    # The tiny base is far too small for intra-op threads to pay off; on a busy machine they make it many times
+    # slower (threads spin while waiting for each other). Real models keep torch's default unless --threads.
+    if args.threads or not args.model:
+        torch.set_num_threads(args.threads or 1)
+    for opt, path in (("--data", args.data), ("--model", args.model)):
+        if path and not os.path.isdir(path):
+            raise CliError(f"{opt} {path}: not a folder")
+    out = _prepare_out_dir(args.out or os.path.join("results", args.recipe))
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise CliError(f"reproduce needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") \
+            from None
+    if args.recipe == "ilora":
+        from lora_ops.recipes import ilora as recipe
+    else:
+        from lora_ops.recipes import seeded_lora as recipe
+    cfg = recipe.quick_config() if args.quick else type(recipe.quick_config())()
+    cfg = dataclasses.replace(cfg, seed=args.seed, base=dataclasses.replace(cfg.base, seed=args.seed))
+    try:
+        payload = recipe.run(cfg, out, data_dir=args.data, model_dir=args.model, cache_dir=args.cache,
+                             progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(f"reproduce {args.recipe}: {e}", code=1) from None
+    from lora_ops.recipes.train import rank
+
+    if rank() == 0:
+        print(recipe.markdown(payload))
+        print(f"wrote {os.path.join(out, 'results.json')}, results.md and plots")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
