@@ -26,7 +26,8 @@ __all__ = ["main"]
 BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "model", "all")
 KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops",
              "arrow": "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops",
-             "model": "whole Llama forward on a mixed-adapter batch: PEFT adapter_names vs accelerate / wrap"}
+             "model": "whole Llama forward on a mixed-adapter batch: PEFT adapter_names vs accelerate / wrap",
+             "all": "every implemented kind in turn (with --quick: a few minutes)"}
 
 
 class CliError(Exception):
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="kind")
     for kind in BENCH_KINDS:
         p = kinds.add_parser(kind, parents=[common], help=KIND_HELP.get(kind, "not implemented yet"))
-        p.set_defaults(handler=_BENCH_HANDLERS.get(kind, _not_implemented))
+        p.set_defaults(handler=_bench_all if kind == "all" else _BENCH_HANDLERS.get(kind, _not_implemented))
         if kind == "grouped":
             _add_grouped_sizing(p)
         if kind == "model":
@@ -212,6 +213,24 @@ def _bench_model(args) -> int:
                                      ("seqs", args.seqs), ("seq_len", args.seq_len)) if v})
     return _run_bench(args, "model", model, sizing, default_reps=18, default_warmup=2,  # 6 rounds of 3
                       needs=("peft", "transformers"))
+
+
+def _bench_all(args) -> int:
+    """Every implemented kind in turn, each with its published (or --quick) case grid; exit 1 if any failed."""
+    flags = ["--device", args.device, "--out", args.out] + (["--quick"] if args.quick else [])
+    flags += ["--threads", str(args.threads)] if args.threads else []
+    failed = []
+    for kind in (k for k in BENCH_KINDS if k in _BENCH_HANDLERS):
+        print(f"=== bench {kind}", flush=True)
+        kind_args = build_parser().parse_args(["bench", kind, *flags])
+        try:
+            kind_args.handler(kind_args)
+        except CliError as e:
+            print(f"lora-ops: error: bench {kind}: {e}", file=sys.stderr)
+            failed.append(kind)
+    if failed:
+        raise CliError(f"bench all: {', '.join(failed)} failed", code=1)
+    return 0
 
 
 _BENCH_HANDLERS = {"grouped": _bench_grouped, "model": _bench_model, "arrow": _bench_arrow}

@@ -151,3 +151,22 @@ def test_bench_model_writes_table_json_and_png(tmp_path, capsys):
     assert case["check"]["adapters_change_output"] > 1e-4
     assert "peft/accelerated" in case["ratios"]
     assert "+accel" in capsys.readouterr().out
+
+
+def test_bench_all_runs_every_implemented_kind(monkeypatch, tmp_path):
+    from lora_ops import cli
+
+    seen = []
+
+    def fake(kind, fail=False):
+        def handler(args):
+            seen.append((kind, args.quick, args.out))
+            if fail:
+                raise cli.CliError("boom")
+            return 0
+
+        return handler
+
+    monkeypatch.setattr(cli, "_BENCH_HANDLERS", {"grouped": fake("grouped"), "arrow": fake("arrow", fail=True)})
+    assert cli.main(["bench", "all", "--quick", "--out", str(tmp_path)]) == 1  # arrow failed: reported, not hidden
+    assert seen == [("grouped", True, str(tmp_path)), ("arrow", True, str(tmp_path))]
