@@ -1,0 +1,137 @@
+// grouped_lora_backward on CPU.
+//
+// With h = A_i x_t, g = B_iᵀ dy_t and f = scale_i * w_tj for each valid (row t, slot j) pair using adapter i:
+//   dx_t  = Σ_j f A_iᵀ g      dA_i = Σ_pairs f g x_tᵀ      dB_i = Σ_pairs f dy_t hᵀ      dw_tj = scale_i <g, h>
+// Pairs are grouped by adapter exactly as in the forward (cpu::group_pairs), then x and dy rows are gathered once
+// in sorted pair order, so every group is a contiguous block of rows and every product is one GEMM (at::mm_out)
+// that reads A_i / B_i once: five GEMMs per group, no per-row copy of A or B. Training batches have few, large
+// groups where the GEMMs' blocking beats hand-written dot loops; decode-like batches (many tiny groups) run
+// their groups in parallel instead, each GEMM then single-threaded.
+// Every group writes disjoint memory (its rows of the sorted buffers, dA_i, dB_i); dx is scattered back once at
+// the end (index_add_ when top-k rows receive several groups), so nothing races.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+#include <vector>
+
+#include "../common/grouped_lora_args.h"
+#include "grouping.h"
+
+namespace lora_ops {
+namespace {
+
+// Groups with at least this many pairs run one after another with multithreaded GEMMs; smaller ones run
+// concurrently (a GEMM of a few rows is too small to split across threads).
+constexpr int64_t kLargeGroup = 64;
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
+                                const at::Tensor& lora_b, const at::Tensor& adapter_ids,
+                                const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& weights,
+                                std::array<bool, 4> output_mask) {
+  // The ATen calls below are this kernel's internals: keep autograd out of them (inputs may require grad).
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  // The forward already validated the ids (or was told not to): invalid ones simply contribute nothing here.
+  const GroupedLoraProblem p = prepare_grouped_lora(x, lora_a, lora_b, adapter_ids, scales, weights, false);
+  const at::Tensor dy = prepare_grad_out(grad_out, p);
+  const bool need_x = output_mask[0], need_a = output_mask[1], need_b = output_mask[2];
+  const bool need_w = output_mask[3] && weights.has_value();
+  const auto acc = at::TensorOptions().dtype(accumulate_dtype(x.scalar_type())).device(x.device());
+
+  // Gradients accumulate in the accumulation dtype and are converted once at the end.
+  at::Tensor gx = need_x ? at::zeros({p.T, p.d_in}, acc) : at::Tensor();
+  at::Tensor ga = need_a ? at::zeros(lora_a.sizes(), acc) : at::Tensor();
+  at::Tensor gb = need_b ? at::zeros(lora_b.sizes(), acc) : at::Tensor();
+  at::Tensor gw = need_w ? at::zeros({p.T * p.k}, acc) : at::Tensor();
+
+  std::vector<int64_t> order;
+  std::vector<cpu::Group> groups;
+  group_pairs(p.ids.const_data_ptr<int64_t>(), p.T * p.k, p.N, order, groups);
+  if (!groups.empty() && p.r > 0 && (need_x || need_a || need_b || need_w)) {
+    const int64_t n_valid = static_cast<int64_t>(order.size());
+    const at::Tensor pairs = at::tensor(order, at::kLong);  // sorted pair order
+    const at::Tensor rows = p.k == 1 ? pairs : at::div(pairs, p.k, "floor");
+    const at::Tensor sorted_ids = p.ids.view(-1).index_select(0, pairs);
+    // f = scale_i * w_p per sorted pair; the scale alone is what dw needs.
+    const at::Tensor scale = p.scales.defined() ? p.scales.index_select(0, sorted_ids) : at::ones({n_valid}, acc);
+    const at::Tensor f = p.weights.defined() ? scale * p.weights.view(-1).index_select(0, pairs) : scale;
+    const at::Tensor f_col = f.unsqueeze(1);
+
+    const bool need_h = need_b || need_w, need_g = need_x || need_a || need_w;
+    const at::Tensor xs = (need_h || need_a) ? p.x.index_select(0, rows).to(acc.dtype()) : at::Tensor();
+    const at::Tensor dys = (need_g || need_b) ? dy.index_select(0, rows).to(acc.dtype()) : at::Tensor();
+    at::Tensor hs = need_h ? at::empty({n_valid, p.r}, acc) : at::Tensor();
+    at::Tensor gs = need_g ? at::empty({n_valid, p.r}, acc) : at::Tensor();
+    at::Tensor dxs = need_x ? at::empty({n_valid, p.d_in}, acc) : at::Tensor();
+
+    auto process = [&](const cpu::Group& grp) {
+      const int64_t i = grp.adapter, b = grp.begin, n = grp.end - grp.begin;
+      const at::Tensor a_i = p.lora_a.select(0, i).to(acc.dtype());  // [r, d_in], a view for fp32/fp64
+      const at::Tensor b_i = p.lora_b.select(0, i).to(acc.dtype());  // [d_out, r]
+      const at::Tensor f_g = f_col.narrow(0, b, n);
+      if (need_h) {
+        at::Tensor h = hs.narrow(0, b, n);
+        at::mm_out(h, xs.narrow(0, b, n), a_i.t());
+        if (need_b) {
+          at::Tensor db = gb.select(0, i);
+          at::mm_out(db, dys.narrow(0, b, n).t(), h * f_g);
+        }
+      }
+      if (need_g) {
+        at::Tensor g = gs.narrow(0, b, n);
+        at::mm_out(g, dys.narrow(0, b, n), b_i);
+        if (need_x || need_a) {
+          const at::Tensor gf = g * f_g;
+          if (need_a) {
+            at::Tensor da = ga.select(0, i);
+            at::mm_out(da, gf.t(), xs.narrow(0, b, n));
+          }
+          if (need_x) {
+            at::Tensor dx = dxs.narrow(0, b, n);
+            at::mm_out(dx, gf, a_i);
+          }
+        }
+      }
+    };
+    std::vector<int64_t> small;
+    for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+      if (groups[g].end - groups[g].begin >= kLargeGroup) {
+        process(groups[g]);
+      } else {
+        small.push_back(g);
+      }
+    }
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t first, int64_t last) {
+      const at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch state is per thread
+      for (int64_t s = first; s < last; ++s) process(groups[small[s]]);
+    });
+
+    if (need_w) gw.index_copy_(0, pairs, (gs * hs).sum(1) * scale);
+    if (need_x) {
+      // k = 1: every row is one pair, so a copy; top-k rows sum their slots' contributions.
+      if (p.k == 1) {
+        gx.index_copy_(0, rows, dxs);
+      } else {
+        gx.index_add_(0, rows, dxs);
+      }
+    }
+  }
+
+  // Not-requested gradients are empty tensors of shape [0] (a schema return cannot be None), one per output:
+  // outputs must not alias each other.
+  auto none = [&] { return at::empty({0}, x.options()); };
+  return {need_x ? gx.to(x.scalar_type()).view(x.sizes()) : none(),
+          need_a ? ga.to(lora_a.scalar_type()) : none(),
+          need_b ? gb.to(lora_b.scalar_type()) : none(),
+          need_w ? gw.to(weights->scalar_type()).view(weights->sizes()) : none()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ops, CPU, m) { m.impl("grouped_lora_backward", &grouped_lora_backward_cpu); }
+
+}  // namespace lora_ops
