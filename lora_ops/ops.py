@@ -125,11 +125,12 @@ def _grouped_lora_backward(ctx, grad_out):
     backward op is not itself differentiable: double backward is not supported.
     """
     x, lora_a, lora_b, adapter_ids, scales, weights = ctx.saved_tensors
-    if ctx.needs_input_grad[4]:
+    # torch drops trailing arguments left at their default (None) from needs_input_grad
+    needs = [i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i] for i in range(6)]
+    if needs[4]:
         raise NotImplementedError("grouped_lora: no gradient for scales; pass scales that do not require grad "
                                   "(fold a trainable scale into lora_b instead)")
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
-            weights is not None and ctx.needs_input_grad[5]]
+    mask = [needs[0], needs[1], needs[2], weights is not None and needs[5]]
     gx, ga, gb, gw = torch.ops.lora_ops.grouped_lora_backward.default(
         grad_out, x, lora_a, lora_b, adapter_ids, scales, weights, mask)
     return (gx if mask[0] else None, ga if mask[1] else None, gb if mask[2] else None, None, None,
