@@ -1,9 +1,10 @@
 """The ``lora-ops`` console script.
 
     lora-ops bench grouped [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+    lora-ops bench train [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
 
 ``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, all); only ``grouped`` is
-implemented so far. Further top-level commands (``merge``, ``reproduce``) get their own sub-parser next to
+and ``train`` are implemented so far. Further top-level commands (``merge``, ``reproduce``) get their own sub-parser next to
 ``bench``. Usage errors and failed preconditions print one line on stderr and exit non-zero, without a traceback.
 
 ``bench grouped`` also takes hidden options that shrink the case grid (``--d 64 --n 2 4 --tokens 8 --rank 4
@@ -20,7 +21,8 @@ from typing import Optional, Sequence
 __all__ = ["main"]
 
 BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "all")
-KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops"}
+KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops",
+             "train": "training step (fwd + bwd) of one layer with many adapters: torch composites and lora_ops"}
 
 
 class CliError(Exception):
@@ -63,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="kind")
     for kind in BENCH_KINDS:
         p = kinds.add_parser(kind, parents=[common], help=KIND_HELP.get(kind, "not implemented yet"))
-        p.set_defaults(handler=_bench_grouped if kind == "grouped" else _not_implemented)
+        p.set_defaults(handler=BENCH_HANDLERS.get(kind, _not_implemented))
         if kind == "grouped":
             _add_grouped_sizing(p)
+        if kind == "train":
+            _add_train_sizing(p)
     return parser
 
 
@@ -81,7 +85,7 @@ def _add_grouped_sizing(p: argparse.ArgumentParser) -> None:
 
 
 def _not_implemented(args) -> int:
-    raise CliError(f"bench: kind {args.kind!r} is not implemented yet (available: grouped)")
+    raise CliError(f"bench: kind {args.kind!r} is not implemented yet (available: {', '.join(BENCH_HANDLERS)})")
 
 
 def _prepare_out_dir(out: str) -> str:
@@ -148,6 +152,58 @@ def _bench_grouped(args) -> int:
     paths = report.write_report(result, out)
     print(f"wrote {paths['json']} and {paths['png']}")
     return 0
+
+
+def _add_train_sizing(p: argparse.ArgumentParser) -> None:
+    hide = argparse.SUPPRESS  # testing knobs, as for grouped
+    p.add_argument("--d", type=_positive_int, default=2048, help=hide)
+    p.add_argument("--n", type=_positive_int, default=8, help=hide)
+    p.add_argument("--tokens", type=_positive_int, nargs="+", help=hide)
+    p.add_argument("--rank", type=_positive_int, default=16, help=hide)
+    p.add_argument("--dists", nargs="+", choices=("same", "uniform", "zipf", "distinct"), help=hide)
+    p.add_argument("--reps", type=_positive_int, help=hide)
+    p.add_argument("--warmup", type=int, help=hide)
+
+
+def _bench_train(args) -> int:
+    import torch
+
+    device = _select_device(args.device)
+    out = _prepare_out_dir(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from tqdm import tqdm
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise CliError(f"bench needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") from None
+
+    from lora_ops.benchmarks import grouped, train
+
+    case_list = train.cases(quick=args.quick, d=args.d, tokens=args.tokens, n_adapters=args.n, rank=args.rank,
+                            dists=args.dists)
+    reps = args.reps or (10 if args.quick else 20)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    bars = []
+
+    def progress(items):
+        bars.append(tqdm(items, desc="bench train", unit="case", file=sys.stderr))
+        return bars[-1]
+
+    try:
+        result = train.run(case_list, device=device, warmup=warmup, reps=reps, quick=args.quick, progress=progress)
+    except grouped.ResultMismatchError as e:
+        raise CliError(f"bench train: {e}", code=1) from None
+    finally:
+        for bar in bars:
+            bar.close()
+    print(train.format_table(result))
+    paths = train.write_report(result, out)
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
+BENCH_HANDLERS = {"grouped": _bench_grouped, "train": _bench_train}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
