@@ -114,7 +114,11 @@ def _select_device(device: str) -> str:
     return device
 
 
-def _bench_grouped(args) -> int:
+def _prepare_bench(args, extras: tuple) -> tuple:
+    """Check the device and --out and apply --threads before any time is spent; import the bench extras.
+    Returns ``(device, out_dir)``."""
+    import importlib
+
     import torch
 
     device = _select_device(args.device)
@@ -122,32 +126,44 @@ def _bench_grouped(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        import peft  # noqa: F401
-        from tqdm import tqdm
+        for name in extras:
+            importlib.import_module(name)
     except ImportError as e:
         raise CliError(f"bench needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") from None
+    return device, out
 
+
+def _run_with_progress(kind: str, run):
+    """``run(progress)`` with a tqdm bar per case list; a result mismatch becomes a one-line error (exit 1)."""
+    from tqdm import tqdm
+
+    from lora_ops.benchmarks.grouped import ResultMismatchError
+
+    bars = []
+
+    def progress(items):
+        bars.append(tqdm(items, desc=f"bench {kind}", unit="case", file=sys.stderr))
+        return bars[-1]
+
+    try:
+        return run(progress)
+    except ResultMismatchError as e:
+        raise CliError(f"bench {kind}: {e}", code=1) from None
+    finally:
+        for bar in bars:  # end the bar's line before any error message
+            bar.close()
+
+
+def _bench_grouped(args) -> int:
+    device, out = _prepare_bench(args, ("peft", "tqdm"))
     from lora_ops.benchmarks import grouped, report
 
     case_list = grouped.cases(quick=args.quick, d=args.d, n_adapters=args.n, dists=args.dists, tokens=args.tokens,
                               rank=args.rank)
     reps = args.reps or (20 if args.quick else 40)
     warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
-
-    bars = []
-
-    def progress(items):
-        bars.append(tqdm(items, desc="bench grouped", unit="case", file=sys.stderr))
-        return bars[-1]
-
-    try:
-        result = grouped.run(case_list, device=device, warmup=warmup, reps=reps, quick=args.quick,
-                             progress=progress)
-    except grouped.ResultMismatchError as e:
-        raise CliError(f"bench grouped: {e}", code=1) from None
-    finally:
-        for bar in bars:  # end the bar's line before any error message
-            bar.close()
+    result = _run_with_progress("grouped", lambda progress: grouped.run(
+        case_list, device=device, warmup=warmup, reps=reps, quick=args.quick, progress=progress))
     print(report.format_table(result))
     paths = report.write_report(result, out)
     print(f"wrote {paths['json']} and {paths['png']}")
@@ -166,37 +182,15 @@ def _add_train_sizing(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_train(args) -> int:
-    import torch
-
-    device = _select_device(args.device)
-    out = _prepare_out_dir(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        from tqdm import tqdm
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise CliError(f"bench needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") from None
-
-    from lora_ops.benchmarks import grouped, train
+    device, out = _prepare_bench(args, ("tqdm", "matplotlib"))
+    from lora_ops.benchmarks import train
 
     case_list = train.cases(quick=args.quick, d=args.d, tokens=args.tokens, n_adapters=args.n, rank=args.rank,
                             dists=args.dists)
     reps = args.reps or (10 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
-    bars = []
-
-    def progress(items):
-        bars.append(tqdm(items, desc="bench train", unit="case", file=sys.stderr))
-        return bars[-1]
-
-    try:
-        result = train.run(case_list, device=device, warmup=warmup, reps=reps, quick=args.quick, progress=progress)
-    except grouped.ResultMismatchError as e:
-        raise CliError(f"bench train: {e}", code=1) from None
-    finally:
-        for bar in bars:
-            bar.close()
+    result = _run_with_progress("train", lambda progress: train.run(
+        case_list, device=device, warmup=warmup, reps=reps, quick=args.quick, progress=progress))
     print(train.format_table(result))
     paths = train.write_report(result, out)
     print(f"wrote {paths['json']} and {paths['png']}")

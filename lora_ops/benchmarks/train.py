@@ -14,7 +14,7 @@ every method's gradients are checked against the loop's (relative max error <= R
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,7 +23,8 @@ from torch import nn
 
 import lora_ops
 from lora_ops.benchmarks import report
-from lora_ops.benchmarks.grouped import ResultMismatchError, adapter_ids, gather_bmm_delta, segment_loop_delta
+from lora_ops.benchmarks.grouped import (GroupedCase, ResultMismatchError, adapter_ids, gather_bmm_delta,
+                                         segment_loop_delta)
 from lora_ops.benchmarks.timing import OtherCpuMeter, environment, time_fn
 
 __all__ = ["METHODS", "LORA_METHODS", "TrainCase", "TrainWorkload", "cases", "methods_for", "build_workload",
@@ -36,24 +37,13 @@ SCALE = 2.0  # lora_alpha / r = 32 / 16: a non-unit scale, so a dropped scale wo
 
 
 @dataclass(frozen=True)
-class TrainCase:
+class TrainCase(GroupedCase):
     """``tokens`` rows of width ``d_in`` through a ``d_in -> d_out`` layer with ``n_adapters`` rank-``rank``
     adapters (ids drawn by ``dist``), float32, grads for x, lora_a and lora_b."""
 
-    d_in: int
-    d_out: int
-    rank: int
-    tokens: int
-    n_adapters: int
-    dist: str
-
     @property
     def name(self) -> str:
-        shape = f"d{self.d_in}" if self.d_in == self.d_out else f"d{self.d_in}x{self.d_out}"
-        return f"train-{shape}-r{self.rank}-T{self.tokens}-N{self.n_adapters}-{self.dist}"
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "name": self.name}
+        return f"train-{super().name}"
 
 
 def cases(*, quick: bool = False, d: int = 2048, tokens: Iterable[int] | None = None, n_adapters: int = 8,
