@@ -7,7 +7,7 @@
 // that reads A_i / B_i once: five GEMMs per group, no per-row copy of A or B. The backward has three of its five
 // products with a d-long output (dA, dB, dx), where blocked GEMMs beat dot/rank-update loops; measured one
 // per-group GEMM of the shapes here at ~0.03-0.05 ms (32 rows, r=16, d=2048, one thread). Groups run concurrently
-// (see kLargeGroup).
+// (see kRowBlock).
 // Every group writes disjoint memory (its rows of the sorted buffers, dA_i, dB_i); dx is scattered back once at
 // the end (index_add_ when top-k rows receive several groups), so nothing races.
 #include <ATen/ATen.h>
@@ -25,11 +25,13 @@
 namespace lora_ops {
 namespace {
 
-// A group runs alone with multithreaded GEMMs only when it holds more than one thread's share of the pairs (and at
-// least this many); all other groups run concurrently, one thread each with single-threaded GEMMs. Small GEMMs
-// split across threads pay a barrier per call, which on a busy machine costs a scheduler slice (measured: a
-// 1024-row N=8 backward went from 7 ms to 690 ms with other jobs running when every group split its GEMMs).
-constexpr int64_t kLargeGroup = 64;
+// Work items run concurrently, one thread each with single-threaded GEMMs: rows of a group in blocks of
+// kRowBlock (h, g, dx), then dA_i and dB_i whole, except that a group holding more than one thread's share of the
+// pairs (a Zipf head) has its dA_i columns / dB_i rows split so the threads stay balanced. Splitting one small
+// GEMM across threads instead pays a barrier per call, which on a busy machine costs a scheduler slice (measured:
+// a 1024-row N=8 backward went from 7 ms to 690 ms with other jobs running). Narrower items measured slower.
+constexpr int64_t kRowBlock = 256;
+constexpr int64_t kColAlign = 64;
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -106,48 +108,78 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     at::Tensor gs = need_g ? at::empty({n_valid, p.r}, acc) : at::Tensor();
     at::Tensor dxs = need_x ? at::empty({n_valid, p.d_in}, acc) : at::Tensor();
 
-    auto process = [&](const cpu::Group& grp) {
-      const int64_t i = grp.adapter, b = grp.begin, n = grp.end - grp.begin;
-      const at::Tensor a_i = p.lora_a.select(0, i).to(acc.dtype());  // [r, d_in], a view for fp32/fp64
-      const at::Tensor b_i = p.lora_b.select(0, i).to(acc.dtype());  // [d_out, r]
-      const at::Tensor f_g = f_col.narrow(0, b, n);
+    at::Tensor hfs = need_b ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * h
+    at::Tensor gfs = (need_x || need_a) ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * g
+    // Adapter i's factors in acc_t, converted once per group for fp16/bf16 (views for fp32/fp64).
+    std::vector<at::Tensor> a_acc(groups.size()), b_acc(groups.size());
+    for (size_t g = 0; g < groups.size(); ++g) {
+      a_acc[g] = p.lora_a.select(0, groups[g].adapter).to(acc.dtype());  // [r, d_in]
+      b_acc[g] = p.lora_b.select(0, groups[g].adapter).to(acc.dtype());  // [d_out, r]
+    }
+    const auto run_items = [](int64_t n_items, const auto& fn) {
+      at::parallel_for(0, n_items, 1, [&](int64_t first, int64_t last) {
+        const at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch state is per thread
+        for (int64_t it = first; it < last; ++it) fn(it);
+      });
+    };
+
+    // Phase 1, per row block of a group (rows disjoint): h, g, their scaled copies and dx.
+    std::vector<std::array<int64_t, 3>> row_items;  // (group, begin, n)
+    for (size_t g = 0; g < groups.size(); ++g) {
+      for (int64_t b = groups[g].begin; b < groups[g].end; b += kRowBlock) {
+        row_items.push_back({static_cast<int64_t>(g), b, std::min(kRowBlock, groups[g].end - b)});
+      }
+    }
+    run_items(static_cast<int64_t>(row_items.size()), [&](int64_t it) {
+      const auto [g, b, n] = row_items[it];
+      const at::Tensor f_blk = f_col.narrow(0, b, n);
       if (need_h) {
         at::Tensor h = hs.narrow(0, b, n);
-        at::mm_out(h, xs.narrow(0, b, n), a_i.t());
+        at::mm_out(h, xs.narrow(0, b, n), a_acc[g].t());
         if (need_b) {
-          at::Tensor db = gb.select(0, i);
-          at::mm_out(db, dys.narrow(0, b, n).t(), h * f_g);
+          at::Tensor hf = hfs.narrow(0, b, n);
+          at::mul_out(hf, h, f_blk);
         }
       }
       if (need_g) {
-        at::Tensor g = gs.narrow(0, b, n);
-        at::mm_out(g, dys.narrow(0, b, n), b_i);
+        at::Tensor gr = gs.narrow(0, b, n);
+        at::mm_out(gr, dys.narrow(0, b, n), b_acc[g]);
         if (need_x || need_a) {
-          const at::Tensor gf = g * f_g;
-          if (need_a) {
-            at::Tensor da = ga.select(0, i);
-            at::mm_out(da, gf.t(), xs.narrow(0, b, n));
-          }
+          at::Tensor gf = gfs.narrow(0, b, n);
+          at::mul_out(gf, gr, f_blk);
           if (need_x) {
             at::Tensor dx = dxs.narrow(0, b, n);
-            at::mm_out(dx, gf, a_i);
+            at::mm_out(dx, gf, a_acc[g]);
           }
         }
       }
-    };
-    std::vector<int64_t> small;
-    const int64_t share = n_valid / std::max<int64_t>(at::get_num_threads(), 1);
-    for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+    });
+
+    // Phase 2, per column block of dA_i / row block of dB_i (outputs disjoint): reductions over the group's rows.
+    const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+    std::vector<std::array<int64_t, 4>> col_items;  // (group, which: 0 = dA / 1 = dB, c0, len)
+    for (size_t g = 0; g < groups.size(); ++g) {
       const int64_t n = groups[g].end - groups[g].begin;
-      if (n >= kLargeGroup && n > share) {
-        process(groups[g]);
-      } else {
-        small.push_back(g);
+      const int64_t parts = std::clamp<int64_t>(n * threads / n_valid, 1, threads);
+      for (int64_t which = 0; which < 2; ++which) {
+        if (which == 0 ? !need_a : !need_b) continue;
+        const int64_t cols = which == 0 ? p.d_in : p.d_out;
+        const int64_t width = std::max<int64_t>((cols + parts - 1) / parts + kColAlign - 1, 1) / kColAlign * kColAlign;
+        for (int64_t c = 0; c < cols; c += width) {
+          col_items.push_back({static_cast<int64_t>(g), which, c, std::min(width, cols - c)});
+        }
       }
     }
-    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t first, int64_t last) {
-      const at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch state is per thread
-      for (int64_t s = first; s < last; ++s) process(groups[small[s]]);
+    run_items(static_cast<int64_t>(col_items.size()), [&](int64_t it) {
+      const auto [g, which, c, len] = col_items[it];
+      const int64_t i = groups[g].adapter, b = groups[g].begin, n = groups[g].end - b;
+      if (which == 0) {
+        at::Tensor da = ga.select(0, i).narrow(1, c, len);  // [r, len] with row stride d_in
+        at::mm_out(da, gfs.narrow(0, b, n).t(), xs.narrow(0, b, n).narrow(1, c, len));
+      } else {
+        at::Tensor db = gb.select(0, i).narrow(0, c, len);  // [len, r]
+        at::mm_out(db, dys.narrow(0, b, n).narrow(1, c, len).t(), hfs.narrow(0, b, n));
+      }
     });
 
     if (need_w) gw.index_copy_(0, pairs, (gs * hs).sum(1) * scale);
