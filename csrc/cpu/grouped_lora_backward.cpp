@@ -29,14 +29,15 @@ namespace {
 // kRowBlock (h, g, dx), then dA_i and dB_i whole, except that a group holding more than one thread's share of the
 // pairs (a Zipf head) has its dA_i columns / dB_i rows split so the threads stay balanced. Splitting one small
 // GEMM across threads instead pays a barrier per call, which on a busy machine costs a scheduler slice (measured:
-// a 1024-row N=8 backward went from 7 ms to 690 ms with other jobs running). Narrower items measured slower.
+// a 1024-row N=8 backward went from 7 ms to 690 ms with other jobs running). Column blocks of ~128 for every
+// group measured no faster than whole dA_i / dB_i.
 constexpr int64_t kRowBlock = 256;
 constexpr int64_t kColAlign = 64;
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // dst[i] = src[rows[i]] (converted to dst's dtype) for i < rows.size(): the per-row gather/scatter behind the
-// sorted blocks. A parallel row copy: index_select / index_copy_ measured 3-4x slower at training shapes.
+// sorted blocks, as a parallel row copy (a profile showed index_select gathering at only ~4 GB/s here).
 // With `scatter`, dst[rows[i]] = src[i] instead (rows must be distinct).
 void copy_rows(const at::Tensor& src, const std::vector<int64_t>& rows, at::Tensor& dst, bool scatter) {
   const int64_t d = src.size(1), n = static_cast<int64_t>(rows.size());
