@@ -18,6 +18,13 @@ TORCH_LIBRARY(lora_ops, m) {
   m.def(
       "grouped_lora(Tensor x, Tensor lora_a, Tensor lora_b, Tensor adapter_ids, Tensor? scales=None, "
       "Tensor? weights=None, bool check_ids=True) -> Tensor");
+  // Gradients of grouped_lora for output_mask = (x, lora_a, lora_b, weights): (grad_x, grad_lora_a, grad_lora_b,
+  // grad_weights) shaped (and typed) like x, lora_a, lora_b, weights. An output not asked for (or grad_weights when
+  // weights is None) is an empty tensor of shape [0]. Ids outside [0, N) contribute nothing (no id check here:
+  // the forward did it). No gradient for adapter_ids or scales.
+  m.def(
+      "grouped_lora_backward(Tensor grad_out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor adapter_ids, "
+      "Tensor? scales, Tensor? weights, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_FRAGMENT(lora_ops, m) {

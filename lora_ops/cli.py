@@ -3,6 +3,7 @@
     lora-ops bench grouped [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench arrow [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench model [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+    lora-ops bench train [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
 
     lora-ops reproduce ilora|seeded-lora [--quick] [--data DIR] [--model DIR] [--out DIR]
 
@@ -27,6 +28,7 @@ BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "model", "all")
 KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops",
              "arrow": "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops",
              "model": "whole Llama forward on a mixed-adapter batch: PEFT adapter_names vs accelerate / wrap",
+             "train": "training step (fwd + bwd) of one layer with many adapters: torch composites and lora_ops",
              "all": "every implemented kind in turn (with --quick: a few minutes)"}
 
 
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_model_sizing(p)
         if kind == "arrow":
             _add_arrow_sizing(p)
+        if kind == "train":
+            _add_train_sizing(p)
     _add_reproduce(commands)
     return parser
 
@@ -215,6 +219,26 @@ def _bench_model(args) -> int:
                       needs=("peft", "transformers"))
 
 
+def _add_train_sizing(p: argparse.ArgumentParser) -> None:
+    hide = argparse.SUPPRESS  # testing knobs, as for grouped
+    p.add_argument("--d", type=_positive_int, default=2048, help=hide)
+    p.add_argument("--n", type=_positive_int, default=8, help=hide)
+    p.add_argument("--tokens", type=_positive_int, nargs="+", help=hide)
+    p.add_argument("--rank", type=_positive_int, default=16, help=hide)
+    p.add_argument("--dists", nargs="+", choices=("same", "uniform", "zipf", "distinct"), help=hide)
+    p.add_argument("--reps", type=_positive_int, help=hide)
+    p.add_argument("--warmup", type=int, help=hide)
+
+
+def _bench_train(args) -> int:
+    from lora_ops.benchmarks import train
+
+    return _run_bench(args, "train", train,
+                      dict(d=args.d, tokens=args.tokens, n_adapters=args.n, rank=args.rank, dists=args.dists),
+                      default_reps=10 if args.quick else 20, default_warmup=2 if args.quick else 3,
+                      needs=("matplotlib",), run_kwargs=dict(quick=args.quick))
+
+
 def _bench_all(args) -> int:
     """Every implemented kind in turn, each with its published (or --quick) case grid; exit 1 if any failed."""
     flags = ["--device", args.device, "--out", args.out] + (["--quick"] if args.quick else [])
@@ -233,7 +257,7 @@ def _bench_all(args) -> int:
     return 0
 
 
-_BENCH_HANDLERS = {"grouped": _bench_grouped, "model": _bench_model, "arrow": _bench_arrow}
+_BENCH_HANDLERS = {"grouped": _bench_grouped, "train": _bench_train, "model": _bench_model, "arrow": _bench_arrow}
 
 # --- reproduce: paper recipes (lora_ops.recipes) -------------------------------------------------------------
 

@@ -177,3 +177,51 @@ def _arrow_route_fake(x, prototypes, top_k, temperature=1.0):
     shape = tuple(x.shape[:-1]) + (top_k,)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=acc)
+
+# ---- autograd: grouped_lora_backward ----
+
+
+@torch.library.register_fake("lora_ops::grouped_lora_backward")
+def _grouped_lora_backward_fake(grad_out, x, lora_a, lora_b, adapter_ids, scales, weights, output_mask):
+    out_shape = _grouped_lora_check(x, lora_a, lora_b, adapter_ids, scales, weights)
+    if tuple(grad_out.shape) != tuple(out_shape):
+        raise ValueError(f"grouped_lora_backward: grad_out must have shape x.shape[:-1] + [d_out] = "
+                         f"{list(out_shape)}, got {list(grad_out.shape)}")
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"grouped_lora_backward: grad_out has dtype {grad_out.dtype} but x has {x.dtype}")
+    need_x, need_a, need_b, need_w = output_mask
+    none = lambda: x.new_empty((0,))  # noqa: E731  (one fresh tensor per output: outputs never alias)
+    return (
+        x.new_empty(x.shape) if need_x else none(),
+        lora_a.new_empty(lora_a.shape) if need_a else none(),
+        lora_b.new_empty(lora_b.shape) if need_b else none(),
+        weights.new_empty(weights.shape) if need_w and weights is not None else none(),
+    )
+
+
+def _grouped_lora_setup_context(ctx, inputs, output):
+    x, lora_a, lora_b, adapter_ids, scales, weights, _check_ids = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, adapter_ids, scales, weights)
+
+
+def _grouped_lora_backward(ctx, grad_out):
+    """Gradients for x, lora_a, lora_b and weights through ``lora_ops::grouped_lora_backward`` (one op call).
+
+    adapter_ids and check_ids get None; scales cannot be trained through this op (NotImplementedError). The
+    backward op is not itself differentiable: double backward is not supported.
+    """
+    x, lora_a, lora_b, adapter_ids, scales, weights = ctx.saved_tensors
+    # torch drops trailing arguments left at their default (None) from needs_input_grad
+    needs = [i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i] for i in range(6)]
+    if needs[4]:
+        raise NotImplementedError("grouped_lora: no gradient for scales; pass scales that do not require grad "
+                                  "(fold a trainable scale into lora_b instead)")
+    mask = [needs[0], needs[1], needs[2], weights is not None and needs[5]]
+    gx, ga, gb, gw = torch.ops.lora_ops.grouped_lora_backward.default(
+        grad_out, x, lora_a, lora_b, adapter_ids, scales, weights, mask)
+    return (gx if mask[0] else None, ga if mask[1] else None, gb if mask[2] else None, None, None,
+            gw if mask[3] else None, None)
+
+
+torch.library.register_autograd(
+    "lora_ops::grouped_lora", _grouped_lora_backward, setup_context=_grouped_lora_setup_context)

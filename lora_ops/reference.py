@@ -83,3 +83,29 @@ def arrow_dense(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sca
     coeff = torch.softmax(masked / temperature, dim=-1)  # [T, N], zero outside the top-k
     y = torch.einsum("tf,erf,eor->teo", xs, lora_a.to(dt), lora_b.to(dt)) * scales.to(dt)[None, :, None]
     return torch.einsum("te,teo->to", coeff, y).to(x.dtype)
+
+def grouped_lora_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    *,
+    scales: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple:
+    """(grad_x, grad_lora_a, grad_lora_b, grad_weights) of ``(grouped_lora(...) * grad_out).sum()``, by autograd
+    through the reference above (grad_weights is None without weights). Shapes and dtypes are the inputs'."""
+    leaves = [t.detach().requires_grad_() for t in (x, lora_a, lora_b)]
+    w = None if weights is None else weights.detach().requires_grad_()
+    with torch.enable_grad():
+        y = grouped_lora(*leaves, adapter_ids, scales=scales, weights=w, compute_dtype=compute_dtype)
+    return _grads(y, leaves + ([w] if w is not None else []), grad_out) + ((None,) if w is None else ())
+
+
+def _grads(y: torch.Tensor, inputs: list, grad_out: torch.Tensor) -> tuple:
+    """torch.autograd.grad with zeros for inputs y does not depend on (e.g. every id is -1)."""
+    if not y.requires_grad:
+        return tuple(torch.zeros_like(t) for t in inputs)
+    return torch.autograd.grad(y, inputs, grad_out, allow_unused=True, materialize_grads=True)

@@ -97,4 +97,14 @@ GroupedLoraProblem prepare_grouped_lora(const at::Tensor& x, const at::Tensor& l
   return p;
 }
 
+at::Tensor prepare_grad_out(const at::Tensor& grad_out, const GroupedLoraProblem& p) {
+  TORCH_CHECK_VALUE(grad_out.device() == p.x.device(), "grouped_lora_backward: grad_out is on ", grad_out.device(),
+                    " but x is on ", p.x.device());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == p.x.scalar_type(), "grouped_lora_backward: grad_out has dtype ",
+                   grad_out.scalar_type(), " but x has ", p.x.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(p.out_shape), "grouped_lora_backward: grad_out must have ",
+                    "shape x.shape[:-1] + [d_out] = ", at::IntArrayRef(p.out_shape), ", got ", grad_out.sizes());
+  return grad_out.reshape({p.T, p.d_out}).contiguous();
+}
+
 }  // namespace lora_ops

@@ -26,4 +26,8 @@ GroupedLoraProblem prepare_grouped_lora(const at::Tensor& x, const at::Tensor& l
                                         const at::Tensor& adapter_ids, const std::optional<at::Tensor>& scales,
                                         const std::optional<at::Tensor>& weights, bool check_ids);
 
+// grouped_lora_backward's grad_out checked against the forward problem `p` (x's dtype and device, shape
+// x.shape[:-1] + [d_out]) and flattened to a contiguous [T, d_out].
+at::Tensor prepare_grad_out(const at::Tensor& grad_out, const GroupedLoraProblem& p);
+
 }  // namespace lora_ops

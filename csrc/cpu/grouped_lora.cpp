@@ -15,44 +15,17 @@
 #include <vector>
 
 #include "../common/grouped_lora_args.h"
+#include "grouping.h"
 #include "loops.h"
 
 namespace lora_ops {
 namespace {
 
+using cpu::as_acc;
+using cpu::Group;
+using cpu::group_pairs;
 using cpu::kTile;
 constexpr int64_t kChunk = 16;  // pairs per shrink work item: splits one long group over threads
-
-struct Group {
-  int64_t adapter, begin, end;  // [begin, end) indexes the sorted pair order
-};
-
-// Pairs p = row * k + slot whose id is a valid adapter, stable-sorted by id, and their runs of equal ids.
-void group_pairs(const int64_t* ids, int64_t P, int64_t N, std::vector<int64_t>& order, std::vector<Group>& groups) {
-  order.clear();
-  for (int64_t p = 0; p < P; ++p) {
-    if (ids[p] >= 0 && ids[p] < N) order.push_back(p);
-  }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
-  groups.clear();
-  for (int64_t i = 0; i < static_cast<int64_t>(order.size());) {
-    int64_t j = i + 1;
-    while (j < static_cast<int64_t>(order.size()) && ids[order[j]] == ids[order[i]]) ++j;
-    groups.push_back({ids[order[i]], i, j});
-    i = j;
-  }
-}
-
-// Pointer to `n` values of `src` in acc_t: the input itself when no conversion is needed, else `buf` filled.
-template <typename scalar_t, typename acc_t>
-const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
-    return buf;
-  }
-}
 
 template <typename scalar_t>
 void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {

@@ -15,6 +15,7 @@
 
 #include "../common/grouped_lora_args.h"
 #include "grouped_lora_kernel.cuh"
+#include "launch_utils.h"
 
 namespace lora_ops {
 namespace {
@@ -24,21 +25,8 @@ constexpr int64_t kMinSplit = 512;
 constexpr int64_t kMaxSplits = 32;
 constexpr int64_t kMaxGridY = 65535;
 
-// The CUDA type with the layout of each ATen element type: the kernels know no ATen types.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using cuda::ceil_div;
+using cuda::CudaType;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
