@@ -7,8 +7,9 @@ import torch  # noqa: F401  (loads libtorch, which the compiled library links ag
 
 from lora_ops import _C  # noqa: F401  (registers torch.ops.lora_ops.*)
 from lora_ops.ops import grouped_lora
+from lora_ops.ops import merge_lowrank, randomized_svd
 
-__all__ = ["grouped_lora", "cuda_built", "__version__"]
+__all__ = ["grouped_lora", "merge_lowrank", "randomized_svd", "cuda_built", "__version__"]
 __version__ = "0.1.0"
 
 
