@@ -410,6 +410,16 @@ def merge_peft_adapters(
             ma, mb = merge_lowrank(a, b, ws, out_rank)
             for (_, _, _, _, keys), ai, bi in zip(banks, ma, mb):
                 out[keys[0]], out[keys[1]] = ai, bi
+    elif method == "cat":
+        # unpadded, so mixed ranks give rank sum(r_i) as in PEFT (a padded bank would carry zero components)
+        for names in wrap([[name] for name in module_names]):
+            for name in names:
+                present = [i for i, mods in enumerate(per_adapter) if name in mods]
+                a_list = [per_adapter[i][name]["A"][1] for i in present]
+                scales = [w[i] * _scale(configs[i], name, x.shape[0]) for i, x in zip(present, a_list)]
+                keys = (per_adapter[present[0]][name]["A"][0], per_adapter[present[0]][name]["B"][0])
+                out[keys[0]] = torch.cat([x * si for x, si in zip(a_list, scales)])
+                out[keys[1]] = torch.cat([per_adapter[i][name]["B"][1] for i in present], dim=1)
     else:
         for names in wrap([[name] for name in module_names]):
             for name in names:
