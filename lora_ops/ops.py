@@ -181,6 +181,11 @@ def _merge_lowrank_shapes(lora_a, lora_b, weights, rank):
     if weights.dim() < 1 or weights.shape[-1] != n:
         raise ValueError(f"merge_lowrank: weights must have shape [N] or [..., N] with N = {n}, "
                          f"got {list(weights.shape)}")
+    w_shape = lead + (n,)
+    if weights.dim() > len(w_shape) or any(h not in (1, want) for h, want in zip(reversed(weights.shape),
+                                                                                reversed(w_shape))):
+        raise ValueError(f"merge_lowrank: weights must have shape [N] or [..., N] broadcastable to "
+                         f"{list(w_shape)}, got {list(weights.shape)}")
     if rank < 1:
         raise ValueError(f"merge_lowrank: rank must be >= 1, got {rank}")
     return lead, n, r, d_in, lora_b.shape[-2]

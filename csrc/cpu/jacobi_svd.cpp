@@ -20,7 +20,7 @@ Svd3 jacobi_svd_cpu(const at::Tensor& x) {
     return {vh.transpose(1, 2).contiguous(), s, u.transpose(1, 2).contiguous()};
   }
   const int64_t L = x.size(0), m = x.size(1), n = x.size(2);
-  auto g = x.transpose(1, 2).contiguous();  // column j of matrix b at g[b, j, :]
+  auto g = x.transpose(1, 2).clone(at::MemoryFormat::Contiguous);  // a copy (the kernel works in place); column j of matrix b at g[b, j, :]
   auto v = at::eye(n, x.options()).expand({L, n, n}).contiguous();
   auto u = at::zeros({L, m, n}, x.options());
   auto s = at::zeros({L, n}, x.options());

@@ -56,12 +56,13 @@ LORA_OPS_HD void round_robin_pair(int round, int k, int ne, int* p, int* q) {
 // Returns false (no rotation) when the pair is already orthogonal to working precision; the relative test keeps
 // tiny or zero columns (rank-deficient input) from being rotated forever.
 template <typename T>
-LORA_OPS_HD bool rotation(T alpha, T beta, T gamma, T tol, T* c, T* s) {
-  if (gamma == T(0) || fabs(gamma) <= tol * sqrt(alpha) * sqrt(beta)) return false;
-  const T zeta = (beta - alpha) / (T(2) * gamma);
-  const T t = (zeta >= T(0) ? T(1) : T(-1)) / (fabs(zeta) + sqrt(T(1) + zeta * zeta));
-  *c = T(1) / sqrt(T(1) + t * t);
-  *s = *c * t;
+LORA_OPS_HD bool rotation(double alpha, double beta, double gamma, double tol, T* c, T* s) {
+  if (gamma == 0.0 || fabs(gamma) <= tol * sqrt(alpha) * sqrt(beta)) return false;
+  const double zeta = (beta - alpha) / (2.0 * gamma);
+  const double t = (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
+  const double cd = 1.0 / sqrt(1.0 + t * t);
+  *c = static_cast<T>(cd);
+  *s = static_cast<T>(cd * t);
   return true;
 }
 
@@ -75,10 +76,11 @@ LORA_OPS_HD void rotate(T* x, T* y, T c, T s, int start, int stride, int len) {
   }
 }
 
-// Partial sums (|x|^2, |y|^2, x.y) over elements start, start + stride, ... < len.
+// Partial sums (|x|^2, |y|^2, x.y) over elements start, start + stride, ... < len, accumulated in double: the
+// rotation angle comes from these three numbers, and fp32 sums would leave the columns only sqrt(m)*eps orthogonal.
 template <typename T>
-LORA_OPS_HD void gram(const T* x, const T* y, int start, int stride, int len, T* xx, T* yy, T* xy) {
-  T a = 0, b = 0, g = 0;
+LORA_OPS_HD void gram(const T* x, const T* y, int start, int stride, int len, double* xx, double* yy, double* xy) {
+  double a = 0, b = 0, g = 0;
   for (int i = start; i < len; i += stride) {
     a += x[i] * x[i];
     b += y[i] * y[i];
@@ -89,10 +91,11 @@ LORA_OPS_HD void gram(const T* x, const T* y, int start, int stride, int len, T*
   *xy = g;
 }
 
-// Tolerance of the orthogonality test: a few ulps scaled by sqrt(m) (the error of an m-term dot product).
+// Tolerance of the orthogonality test: a few ulps of T scaled by sqrt(m) (what rounding the rotated columns to T
+// can leave).
 template <typename T>
-LORA_OPS_HD T tolerance(int m) {
-  return T(4) * Eps<T>::value * sqrt(T(m > 1 ? m : 1));
+LORA_OPS_HD double tolerance(int m) {
+  return 2.0 * Eps<T>::value * sqrt(double(m > 1 ? m : 1));
 }
 
 // Position of column j when singular values are sorted descending (ties keep column order).
@@ -121,7 +124,7 @@ LORA_OPS_HD void write_column(const T* g, const T* v, const T* sigma, int m, int
 template <typename T>
 inline int jacobi_svd_serial(T* g, T* v, int m, int n, T* sigma, T* u_out, T* s_out, T* vh_out) {
   const int ne = n + (n & 1);
-  const T tol = tolerance<T>(m);
+  const double tol = tolerance<T>(m);
   int sweep = 0;
   for (; sweep < kMaxSweeps && n > 1; ++sweep) {
     bool rotated = false;
@@ -130,7 +133,8 @@ inline int jacobi_svd_serial(T* g, T* v, int m, int n, T* sigma, T* u_out, T* s_
         int p, q;
         round_robin_pair(round, k, ne, &p, &q);
         if (q >= n) continue;  // the padding player of an odd n
-        T alpha, beta, gamma, c, s;
+        double alpha, beta, gamma;
+        T c, s;
         gram(g + (int64_t)p * m, g + (int64_t)q * m, 0, 1, m, &alpha, &beta, &gamma);
         if (!rotation(alpha, beta, gamma, tol, &c, &s)) continue;
         rotated = true;
@@ -141,9 +145,9 @@ inline int jacobi_svd_serial(T* g, T* v, int m, int n, T* sigma, T* u_out, T* s_
     if (!rotated) break;
   }
   for (int j = 0; j < n; ++j) {
-    T xx, yy, xy;
+    double xx, yy, xy;
     gram(g + (int64_t)j * m, g + (int64_t)j * m, 0, 1, m, &xx, &yy, &xy);
-    sigma[j] = sqrt(xx);
+    sigma[j] = static_cast<T>(sqrt(xx));
   }
   for (int j = 0; j < n; ++j) write_column(g, v, sigma, m, n, j, u_out, s_out, vh_out);
   return sweep;
@@ -169,7 +173,7 @@ __global__ void jacobi_svd_block(T* g_all, T* v_all, int m, int n, T* u_all, T* 
   T* v = v_all + b * (int64_t)n * n;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int ne = n + (n & 1);
-  const T tol = tolerance<T>(m);
+  const double tol = tolerance<T>(m);
   for (int sweep = 0; sweep < kMaxSweeps && n > 1; ++sweep) {
     if (threadIdx.x == 0) rotated = 0;
     __syncthreads();
@@ -178,7 +182,8 @@ __global__ void jacobi_svd_block(T* g_all, T* v_all, int m, int n, T* u_all, T* 
         int p, q;
         round_robin_pair(round, k, ne, &p, &q);
         if (q >= n) continue;
-        T alpha, beta, gamma, c, s;
+        double alpha, beta, gamma;
+        T c, s;
         gram(g + (int64_t)p * m, g + (int64_t)q * m, lane, 32, m, &alpha, &beta, &gamma);
         alpha = warp_sum(alpha);
         beta = warp_sum(beta);
@@ -195,10 +200,10 @@ __global__ void jacobi_svd_block(T* g_all, T* v_all, int m, int n, T* u_all, T* 
     if (!any) break;
   }
   for (int j = warp; j < n; j += nwarps) {
-    T xx, yy, xy;
+    double xx, yy, xy;
     gram(g + (int64_t)j * m, g + (int64_t)j * m, lane, 32, m, &xx, &yy, &xy);
     xx = warp_sum(xx);
-    if (lane == 0) sigma[j] = sqrt(xx);
+    if (lane == 0) sigma[j] = static_cast<T>(sqrt(xx));
   }
   __syncthreads();
   for (int j = threadIdx.x; j < n; j += blockDim.x) {

@@ -31,7 +31,7 @@ Svd3 jacobi_svd_cuda(const at::Tensor& x) {
   }
   const int64_t L = x.size(0), m = x.size(1), n = x.size(2);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto g = x.transpose(1, 2).contiguous();
+  auto g = x.transpose(1, 2).clone(at::MemoryFormat::Contiguous);  // a copy: the kernel works in place
   auto v = at::eye(n, x.options()).expand({L, n, n}).contiguous();
   auto u = at::zeros({L, m, n}, x.options());
   auto s = at::zeros({L, n}, x.options());
