@@ -1,0 +1,75 @@
+"""merge_lowrank, _jacobi_svd and randomized_svd on CUDA: the same checks as on CPU, against the CPU results."""
+
+import pytest
+import torch
+
+import lora_ops
+from lora_ops.merge import merge
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and lora_ops.cuda_built()),
+                                reason="needs a CUDA device and lora_ops built with CUDA")
+
+from test_merge_lowrank import TOL, bank, dense_truncation, rel_error  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [((), 3, 4, 33, 17, 5), ((7, 4), 8, 16, 256, 192, 16), ((2,), 20, 16, 512, 512, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_lowrank_cuda(shape, dtype):
+    lead, n, r, d_in, d_out, rank = shape
+    a, b = bank(lead, n, r, d_in, d_out, dtype)
+    w = torch.randn(n)
+    ma, mb, s = lora_ops.merge_lowrank(a.cuda(), b.cuda(), w.cuda(), rank, return_singular_values=True)
+    assert ma.is_cuda and ma.dtype == dtype
+    assert rel_error(ma.cpu(), mb.cpu(), dense_truncation(a, b, w, rank)[0]) <= TOL[dtype]
+    _, _, s_cpu = lora_ops.merge_lowrank(a, b, w, rank, return_singular_values=True)
+    torch.testing.assert_close(s.cpu().float(), s_cpu.float(), rtol=TOL[dtype] * 10, atol=TOL[dtype] * s_cpu.float().max())
+
+
+def test_degenerate_cuda():
+    a1, b1 = bank((), 1, 4, 64, 48)
+    a, b = a1.expand(4, 4, 64).contiguous().cuda(), b1.expand(4, 48, 4).contiguous().cuda()
+    ma, mb = lora_ops.merge_lowrank(a, b, torch.tensor([0.5, 0.5, -0.25, -0.75], device="cuda"), 4)
+    assert (mb @ ma).norm().item() <= 1e-5 * (b1[0] @ a1[0]).norm().item()
+    ma, mb = lora_ops.merge_lowrank(a, b, torch.ones(4, device="cuda"), 4)
+    assert rel_error(ma.cpu(), mb.cpu(), dense_truncation(a.cpu(), b.cpu(), torch.ones(4), 4)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 7), (2, 7, 20), (64, 128, 128), (4, 256, 256), (2, 300, 280)])
+def test_jacobi_svd_cuda_matches_cpu_twin(shape):
+    x = torch.randn(shape)
+    u, s, vh = torch.ops.lora_ops._jacobi_svd(x.cuda())
+    ref = torch.linalg.svdvals(x.double())
+    assert ((s.cpu().double() - ref).abs() <= 1e-5 * ref[:, :1]).all()
+    recon = (u.double() * s.double()[:, None, :]) @ vh.double()
+    assert ((recon.cpu() - x.double()).flatten(1).norm(dim=1) <= 1e-5 * x.double().flatten(1).norm(dim=1)).all()
+
+
+def test_randomized_svd_cuda():
+    from test_randomized_svd import decaying, recon_error
+
+    x = decaying(16, 96, 80)
+    u, s, vh = lora_ops.randomized_svd(x.cuda(), 8, oversample=6, n_iter=2,
+                                       generator=torch.Generator("cuda").manual_seed(0))
+    assert u.is_cuda
+    torch.manual_seed(0)
+    tu, ts, tv = torch.svd_lowrank(x, q=14, niter=2)
+    ours = recon_error(x, u.cpu(), s.cpu(), vh.cpu()).mean()
+    assert ours <= 1.1 * recon_error(x, tu[..., :8], ts[..., :8], tv[..., :8].mT).mean()
+    again = lora_ops.randomized_svd(x.cuda(), 8, oversample=6, n_iter=2,
+                                    generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.equal(again[0], u)
+
+
+def test_opcheck_cuda():
+    a, b = bank((2,), 3, 4, 16, 12)
+    torch.library.opcheck(torch.ops.lora_ops.merge_lowrank.default, (a.cuda(), b.cuda(), torch.rand(3).cuda(), 5))
+    torch.library.opcheck(torch.ops.lora_ops.randomized_svd.default, (torch.randn(2, 20, 16).cuda(), 4, 5, 2, 1))
+
+
+@pytest.mark.parametrize("method", ["linear", "cat", "svd", "max_pool", "iterative_max", "ties"])
+def test_merge_methods_cuda_match_cpu(method):
+    a, b = bank((), 3, 4, 32, 24)
+    w = [0.5, 0.2, 0.3]
+    ca, cb = merge(a.cuda(), b.cuda(), w, method, density=0.5, rank=4)
+    ea, eb = merge(a, b, w, method, density=0.5, rank=4)
+    torch.testing.assert_close((cb @ ca).cpu(), eb @ ea, rtol=1e-4, atol=1e-5)
