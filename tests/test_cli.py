@@ -88,7 +88,7 @@ def test_mismatch_with_peft_fails_loudly(tmp_path, capsys, monkeypatch):
     [],
     ["frob"],
     ["bench"],
-    ["bench", "merge"],
+    ["bench", "arrow"],
     ["bench", "all"],
     ["bench", "grouped", "--threads", "0"],
     ["bench", "grouped", "--device", "tpu"],
