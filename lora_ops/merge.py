@@ -324,6 +324,42 @@ def _modules(sd: Mapping[str, torch.Tensor], where: str) -> Dict[str, Dict[str, 
     return out
 
 
+# A batch of layers padded to a common shape may hold at most this many times the elements of the layers
+# themselves; beyond that (e.g. an embedding's vocabulary-sized factor among attention layers) layers of one shape
+# are batched separately.
+_MAX_PAD_FACTOR = 3.0
+
+
+def _pad_to(t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    pad = []
+    for have, want in zip(reversed(t.shape), reversed(shape)):
+        pad += [0, want - have]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _svd_batches(module_names: List[str], bank) -> List[List[str]]:
+    """Module names grouped into merge_lowrank calls: one per adapter count N (all of a model's layers when every
+    adapter covers every module), split by shape only when padding would waste too much."""
+    by_n: Dict[tuple, List[str]] = {}
+    shapes = {}
+    for name in module_names:
+        a, b, _, _, _ = bank(name)
+        shapes[name] = (a.shape[0], a.shape[1], a.shape[2], b.shape[1], a.dtype)
+        by_n.setdefault((a.shape[0], a.dtype), []).append(name)
+    batches = []
+    for names in by_n.values():
+        real = sum(shapes[m][1] * (shapes[m][2] + shapes[m][3]) for m in names)
+        r, d_in, d_out = (max(shapes[m][i] for m in names) for i in (1, 2, 3))
+        if len(names) * r * (d_in + d_out) <= _MAX_PAD_FACTOR * real:
+            batches.append(names)
+        else:
+            by_shape: Dict[tuple, List[str]] = {}
+            for m in names:
+                by_shape.setdefault(shapes[m], []).append(m)
+            batches.extend(by_shape.values())
+    return batches
+
+
 def merge_peft_adapters(
     adapters: Sequence[AdapterLike],
     weights: Optional[Sequence[float]] = None,
@@ -342,8 +378,8 @@ def merge_peft_adapters(
         adapters: PEFT adapter folders (``adapter_model.safetensors`` + ``adapter_config.json``) or
             ``(state_dict, config)`` pairs (e.g. ``get_peft_model_state_dict`` and ``peft_config.to_dict()``).
         weights: one weight per adapter (default all 1, PEFT's convention: 1/N for an average).
-        method: one of :data:`METHODS`. ``svd`` merges every layer of one shape in a single batched
-            :func:`merge_lowrank` call.
+        method: one of :data:`METHODS`. ``svd`` merges all layers in a single batched :func:`merge_lowrank` call
+            (zero-padded to a common shape, which is exact; split by shape when padding would triple the work).
         rank: output rank for ``svd`` and the dense methods (default: the largest adapter rank, as PEFT).
         density, majority_sign_method, energy, generator: as in :func:`merge`.
         progress: wraps the iterable of layer groups (e.g. ``tqdm``); called with the list of module names.
@@ -397,19 +433,19 @@ def merge_peft_adapters(
     out: Dict[str, torch.Tensor] = {}
     wrap = progress or (lambda items: items)
     if method == "svd":
-        # Every layer of one shape (and adapter set) in one merge_lowrank call.
-        groups: Dict[tuple, List[str]] = {}
-        for name in module_names:
-            a, b, ww, ss, _ = bank(name)
-            groups.setdefault((tuple(a.shape), tuple(b.shape), tuple(ww), a.dtype), []).append(name)
-        for names in wrap(list(groups.values())):
+        for names in wrap(_svd_batches(module_names, bank)):
             banks = [bank(name) for name in names]
-            a = torch.stack([x[0] for x in banks])
-            b = torch.stack([x[1] for x in banks])
+            n, r = banks[0][0].shape[0], max(x[0].shape[1] for x in banks)
+            d_in, d_out = max(x[0].shape[2] for x in banks), max(x[1].shape[1] for x in banks)
+            # Zero-padding r, d_in and d_out is exact (zero rows/columns add nothing to B A): every layer of the
+            # group goes through one merge_lowrank call, then each is cut back to its own shape.
+            a = torch.stack([_pad_to(x[0], (n, r, d_in)) for x in banks])
+            b = torch.stack([_pad_to(x[1], (n, d_out, r)) for x in banks])
             ws = torch.tensor([[wi * si for wi, si in zip(x[2], x[3])] for x in banks], dtype=torch.float64)
             ma, mb = merge_lowrank(a, b, ws, out_rank)
-            for (_, _, _, _, keys), ai, bi in zip(banks, ma, mb):
-                out[keys[0]], out[keys[1]] = ai, bi
+            for (a0, b0, _, _, keys), ai, bi in zip(banks, ma, mb):
+                out[keys[0]] = ai[:, : a0.shape[2]].contiguous()
+                out[keys[1]] = bi[: b0.shape[1]].contiguous()
     elif method == "cat":
         # unpadded, so mixed ranks give rank sum(r_i) as in PEFT (a padded bank would carry zero components)
         for names in wrap([[name] for name in module_names]):

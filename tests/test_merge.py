@@ -261,3 +261,24 @@ def test_peft_errors(tmp_path):
         merge_peft_adapters([adapters[0], r8[1]], None, "linear")
     sd, cfg = merge_peft_adapters([adapters[0], r8[1]], None, "cat")  # mixed ranks: fine for cat
     assert cfg["r"] == 12
+
+
+def test_svd_merges_all_layers_in_one_call(monkeypatch):
+    _, adapters = _peft_model()  # layers of two shapes (16 -> 24 and 24 -> 12)
+    calls = []
+    real = M.merge_lowrank
+    monkeypatch.setattr(M, "merge_lowrank", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    sd, _ = merge_peft_adapters(adapters, [0.2, 0.3, 0.5], "svd", rank=3)
+    assert calls == [(2, 3, 4, 24)]  # both layers, padded to d_in = 24
+    assert sd["base_model.model.up.lora_A.weight"].shape == (3, 16)
+    assert sd["base_model.model.down.lora_B.weight"].shape == (12, 3)
+
+
+def test_svd_batches_split_by_shape_when_padding_is_wasteful():
+    shapes = {"emb": (1, 4, 4096, 8), "q": (1, 4, 8, 8), "k": (1, 4, 8, 8)}
+
+    def bank(name):
+        n, r, d_in, d_out = shapes[name]
+        return torch.zeros(n, r, d_in), torch.zeros(n, d_out, r), None, None, None
+
+    assert sorted(map(sorted, M._svd_batches(list(shapes), bank))) == [["emb"], ["k", "q"]]
