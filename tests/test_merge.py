@@ -275,10 +275,10 @@ def test_svd_merges_all_layers_in_one_call(monkeypatch):
 
 
 def test_svd_batches_split_by_shape_when_padding_is_wasteful():
-    shapes = {"emb": (1, 4, 4096, 8), "q": (1, 4, 8, 8), "k": (1, 4, 8, 8)}
+    shapes = {"emb": (1, 4, 4096, 8), "q": (1, 4, 8, 8), "k": (1, 4, 8, 8), "v": (1, 4, 8, 8), "o": (1, 4, 8, 8)}
 
     def bank(name):
         n, r, d_in, d_out = shapes[name]
         return torch.zeros(n, r, d_in), torch.zeros(n, d_out, r), None, None, None
 
-    assert sorted(map(sorted, M._svd_batches(list(shapes), bank))) == [["emb"], ["k", "q"]]
+    assert sorted(map(sorted, M._svd_batches(list(shapes), bank))) == [["emb"], ["k", "o", "q", "v"]]
