@@ -91,15 +91,40 @@ Svd3 merge_lowrank_rows(const MergeLowrankProblem& p, int64_t begin, int64_t end
   const auto bs = (b * w.unsqueeze(-1).unsqueeze(-1)).permute({0, 2, 1, 3}).reshape({L, d_out, n * r});
   const auto as_t = a.reshape({L, n * r, d_in}).transpose(1, 2);
   // Householder QR of both tall-skinny factors (stable for identical or collinear adapters, unlike Cholesky QR).
-  auto [qb, rb] = at::linalg_qr(bs, "reduced");    // qb [L, d_out, kb], rb [L, kb, Nr]
-  auto [qa, ra] = at::linalg_qr(as_t, "reduced");  // qa [L, d_in, ka], ra [L, ka, Nr]
-  const auto core = at::matmul(rb, ra.transpose(1, 2));  // [L, kb, ka]: Bs As = qb core qa^T
+  // geqrf keeps Q as reflectors: only R is needed for the core, and Q is applied once, to the rank-t result
+  // (ormqr, O(d r t)), instead of being formed (orgqr, O(d r^2)).
+  const int64_t kb = std::min(d_out, n * r), ka = std::min(d_in, n * r);
+  at::Tensor pb, tau_b, pa, tau_a;  // R_b in the upper triangle of pb's first kb rows; R_a likewise
+  auto factor = [&](int64_t which) {
+    if (which == 0) {
+      std::tie(pb, tau_b) = at::geqrf(bs);
+    } else {
+      std::tie(pa, tau_a) = at::geqrf(as_t);
+    }
+  };
+  if (p.a.device().is_cpu() && !at::in_parallel_region() && at::get_num_threads() > 1) {
+    // a single layer (or a thread's share of layers): the two independent QRs run side by side
+    at::parallel_for(0, 2, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) factor(i);
+    });
+  } else {
+    factor(0);
+    factor(1);
+  }
+  const auto rb = pb.narrow(1, 0, kb).triu();  // [L, kb, Nr]
+  const auto ra = pa.narrow(1, 0, ka).triu();  // [L, ka, Nr]
+  const auto core = at::matmul(rb, ra.transpose(1, 2));  // [L, kb, ka]: Bs As = Q_b core Q_a^T
   auto [u, s, vh] = svd(core);                            // u [L, kb, k], s [L, k], vh [L, k, ka]
   const int64_t t = std::min(p.rank, k);
   // sqrt(S) into each factor keeps A and B on the same scale (what training would produce).
   const auto root = s.narrow(1, 0, t).sqrt();
-  auto b_out = at::matmul(qb, u.narrow(2, 0, t) * root.unsqueeze(1));               // [L, d_out, t]
-  auto a_out = at::matmul(vh.narrow(1, 0, t) * root.unsqueeze(2), qa.transpose(1, 2));  // [L, t, d_in]
+  auto rows_to = [](const at::Tensor& x, int64_t rows) {  // [L, h, t] -> [L, rows, t], zero rows appended
+    return rows == x.size(1) ? x.contiguous() : at::cat({x, at::zeros({x.size(0), rows - x.size(1), x.size(2)},
+                                                                       x.options())}, 1);
+  };
+  auto b_out = at::ormqr(pb, tau_b, rows_to(u.narrow(2, 0, t) * root.unsqueeze(1), d_out));  // Q_b U_t sqrt(S)
+  auto a_out = at::ormqr(pa, tau_a, rows_to((vh.narrow(1, 0, t) * root.unsqueeze(2)).transpose(1, 2), d_in))
+                   .transpose(1, 2);  // (Q_a V_t sqrt(S))^T: [L, t, d_in]
   if (t < p.rank) {  // the exact merge, padded with zero components
     b_out = pad_last(b_out, p.rank);
     a_out = pad_last(a_out.transpose(1, 2), p.rank).transpose(1, 2);

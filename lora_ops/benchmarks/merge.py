@@ -230,7 +230,9 @@ def format_svd_table(result: dict) -> str:
              f"{'method':<26}{'ms':>10}{'error':>12}"]
     for name, t in c["timings"].items():
         lines.append(f"{name:<26}{t['median_ms']:>10.1f}{c['errors'][name]:>12.3e}")
-    lines.append(f"speedup vs the faster torch.svd_lowrank: {c['speedup']:.2f}x; error ratio {c['error_ratio']:.3f}")
+    share = c.get("other_cpu_share")
+    lines.append(f"speedup vs the faster torch.svd_lowrank: {c['speedup']:.2f}x; error ratio {c['error_ratio']:.3f}"
+                 + ("" if share is None else f"; other processes used {100 * share:.0f}% of the CPU"))
     return "\n".join(lines)
 
 
