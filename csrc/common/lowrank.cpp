@@ -161,9 +161,14 @@ Svd3 randomized_svd_rows(const RandomizedSvdProblem& p, const at::Tensor& omega,
     q = orth(at::matmul(mt, q));  // [L', N, l]
     q = orth(at::matmul(m, q));   // [L', M, l]
   }
-  const auto small = at::matmul(q.transpose(1, 2), m);  // [L', l, N]
-  auto [u, s, vh] = svd(small);                          // u [L', l, l], s [L', l], vh [L', l, N]
-  return {at::matmul(q, u.narrow(2, 0, p.rank)), s.narrow(1, 0, p.rank), vh.narrow(1, 0, p.rank)};
+  const auto small = at::matmul(q.transpose(1, 2), m);  // [L', l, N], wide
+  // SVD of the wide l x N matrix through the QR of its transpose: small^T = Q2 R2, so small = R2^T Q2^T and
+  // svd(R2^T) = U S W gives Vh = W Q2^T. The dense SVD then only sees l x l (cheaper than LAPACK's
+  // gesdd on the l x N matrix, and on CUDA it keeps the Jacobi kernel's matrices small).
+  auto [q2, r2] = at::linalg_qr(small.transpose(1, 2), "reduced");  // q2 [L', N, l], r2 [L', l, l]
+  auto [u, s, w] = svd(r2.transpose(1, 2));
+  const auto vh = at::matmul(w.narrow(1, 0, p.rank), q2.transpose(1, 2));  // [L', rank, N]
+  return {at::matmul(q, u.narrow(2, 0, p.rank)), s.narrow(1, 0, p.rank), vh};
 }
 
 Svd3 finish_randomized_svd(const RandomizedSvdProblem& p, at::Tensor u, at::Tensor s, at::Tensor vh) {
