@@ -35,3 +35,18 @@ TORCH_LIBRARY_FRAGMENT(lora_ops, m) {
   // Returns (ids [..., k] int64, weights [..., k] fp32, fp64 for fp64 x).
   m.def("arrow_route(Tensor x, Tensor prototypes, int top_k, float temperature=1.0) -> (Tensor, Tensor)");
 }
+
+// Merging and low-rank factorisation (csrc/common/lowrank.cpp). Neither op is differentiable.
+TORCH_LIBRARY_FRAGMENT(lora_ops, m) {
+  // Exact truncated SVD of sum_i weights[..., i] * lora_b[..., i] @ lora_a[..., i], from the factors alone.
+  // lora_a [..., N, r, d_in], lora_b [..., N, d_out, r], weights [N] or [..., N] ->
+  // (a [..., rank, d_in], b [..., d_out, rank], s [..., min(d_out, d_in, N*r)]): b @ a is the rank-`rank`
+  // truncation with sqrt(s) in each factor; s holds every singular value of the merge (descending).
+  m.def("merge_lowrank(Tensor lora_a, Tensor lora_b, Tensor weights, int rank) -> (Tensor, Tensor, Tensor)");
+  // Randomized SVD of m [..., M, N]: (U [..., M, rank], S [..., rank], Vh [..., rank, N]); Gaussian sketch from a
+  // generator seeded with `seed`, n_iter power iterations with Householder re-orthonormalisation.
+  m.def("randomized_svd(Tensor m, int rank, int oversample=10, int n_iter=2, int seed=0) -> (Tensor, Tensor, Tensor)");
+  // Test-only: the CUDA backend's Jacobi SVD and merge_lowrank with it, runnable on CPU.
+  m.def("_jacobi_svd(Tensor m) -> (Tensor, Tensor, Tensor)");
+  m.def("_merge_lowrank_jacobi(Tensor lora_a, Tensor lora_b, Tensor weights, int rank) -> (Tensor, Tensor, Tensor)");
+}

@@ -6,10 +6,10 @@ Importing the package loads the compiled library, which registers the ops under 
 import torch  # noqa: F401  (loads libtorch, which the compiled library links against)
 
 from lora_ops import _C  # noqa: F401  (registers torch.ops.lora_ops.*)
-from lora_ops.ops import grouped_lora
-from lora_ops.ops import arrow_prototypes, arrow_route
+from lora_ops.ops import arrow_prototypes, arrow_route, grouped_lora, merge_lowrank, randomized_svd
 
-__all__ = ["grouped_lora", "arrow_prototypes", "arrow_route", "cuda_built", "__version__"]
+__all__ = ["grouped_lora", "merge_lowrank", "randomized_svd", "arrow_prototypes", "arrow_route", "cuda_built",
+           "__version__"]
 __version__ = "0.1.0"
 
 

@@ -4,6 +4,9 @@
     lora-ops bench arrow [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench model [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench train [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+    lora-ops bench merge [--quick] | lora-ops bench svd [--quick] [--device cpu|cuda]
+    lora-ops bench all [--quick] [--device cpu|cuda] [--out DIR]
+    lora-ops merge ADAPTER_DIR... [--method svd] [--weights W...] [--rank R] --out DIR
 
     lora-ops reproduce ilora|seeded-lora [--quick] [--data DIR] [--model DIR] [--out DIR]
 
@@ -28,6 +31,8 @@ BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "model", "all")
 KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops",
              "arrow": "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops",
              "model": "whole Llama forward on a mixed-adapter batch: PEFT adapter_names vs accelerate / wrap",
+             "merge": "PEFT add_weighted_adapter(svd) vs lora_ops merge_lowrank (one layer, tiny Llama)",
+             "svd": "lora_ops.randomized_svd vs torch.svd_lowrank on a batch of matrices",
              "train": "training step (fwd + bwd) of one layer with many adapters: torch composites and lora_ops",
              "all": "every implemented kind in turn (with --quick: a few minutes)"}
 
@@ -81,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
             _add_arrow_sizing(p)
         if kind == "train":
             _add_train_sizing(p)
+        if kind in ("merge", "svd"):
+            p.add_argument("--reps", type=_positive_int, help=argparse.SUPPRESS)
+        if kind == "svd":
+            p.add_argument("--batch", type=_positive_int, default=64, help=argparse.SUPPRESS)
+            p.add_argument("--size", type=_positive_int, default=512, help=argparse.SUPPRESS)
+    _add_merge_command(commands)
     _add_reproduce(commands)
     return parser
 
@@ -219,6 +230,129 @@ def _bench_model(args) -> int:
                       needs=("peft", "transformers"))
 
 
+# ----- merge: `lora-ops merge ADAPTER_DIR... --method svd --weights ... --rank 16 --out DIR` and the merge / svd
+# benchmarks
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _add_merge_command(commands) -> None:
+    from lora_ops.merge import METHODS
+
+    p = commands.add_parser("merge", help="merge PEFT LoRA adapter folders into one",
+                            description="Merge PEFT LoRA adapter folders (adapter_model.safetensors + "
+                                        "adapter_config.json) into one PEFT adapter folder, written atomically.")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT adapter folders")
+    p.add_argument("--method", choices=METHODS, default="svd", metavar="METHOD",
+                   help=f"one of: {', '.join(METHODS)} (default: svd)")
+    p.add_argument("--weights", type=_float, nargs="+", metavar="W",
+                   help="one weight per adapter (default: 1/N each, an average)")
+    p.add_argument("--rank", type=_positive_int, help="output rank for svd and dense methods (default: largest r)")
+    p.add_argument("--density", type=_float, help="fraction kept by ties / dare_* / magnitude_prune")
+    p.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total")
+    p.add_argument("--energy", type=_float, default=0.8, help="iterative_max: spectral energy kept per adapter")
+    p.add_argument("--seed", type=int, default=0, help="seed of dare_* random pruning (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged adapter folder (replaced if it exists)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_merge)
+
+
+def _merge(args) -> int:
+    from lora_ops._io import write_peft_adapter_dir
+    from lora_ops.merge import merge_peft_adapters
+
+    for d in args.adapters:
+        if not os.path.isdir(d):
+            raise CliError(f"{d}: not a directory")
+        if not os.path.isfile(os.path.join(d, "adapter_config.json")):
+            raise CliError(f"{d}: not a PEFT adapter folder (no adapter_config.json)")
+    weights = args.weights or [1.0 / len(args.adapters)] * len(args.adapters)
+    if len(weights) != len(args.adapters):
+        raise CliError(f"--weights: got {len(weights)} weights for {len(args.adapters)} adapters")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CliError(f"--out {args.out}: exists and is not a directory")
+    if os.path.abspath(args.out) in {os.path.abspath(d) for d in args.adapters}:
+        raise CliError(f"--out {args.out}: is one of the input adapters")
+    import torch
+    from tqdm import tqdm
+
+    bars = []  # made once the adapters are read, so a bad folder's error is not preceded by an empty bar
+
+    def progress(groups):
+        bars.append(tqdm(total=sum(len(g) for g in groups), desc="merge", unit="layer", file=sys.stderr,
+                         disable=args.quiet))
+        for g in groups:
+            yield g
+            bars[-1].update(len(g))
+
+    try:
+        sd, config = merge_peft_adapters(args.adapters, weights, args.method, rank=args.rank, density=args.density,
+                                         majority_sign_method=args.majority_sign_method, energy=args.energy,
+                                         generator=torch.Generator().manual_seed(args.seed), progress=progress)
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as e:
+        raise CliError(f"merge: {e}") from None
+    finally:
+        for bar in bars:
+            bar.close()
+    try:
+        write_peft_adapter_dir(args.out, sd, config)
+    except OSError as e:
+        raise CliError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    print(f"merged {len(args.adapters)} adapters ({args.method}, rank {config['r']}, {len(sd) // 2} layers) "
+          f"into {args.out}")
+    return 0
+
+
+def _bench_merge_or_svd(args) -> int:
+    import torch
+
+    device = _select_device(args.device)
+    out = _prepare_out_dir(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        from tqdm import tqdm
+    except ImportError as e:
+        raise CliError(f"bench needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") from None
+    from lora_ops.benchmarks import merge as bench
+
+    reps = args.reps or (5 if args.quick else 10)
+    try:
+        if args.kind == "merge":
+            if device != "cpu":
+                raise CliError("bench merge: PEFT's merge is timed on the CPU; use --device cpu")
+            bars = []
+
+            def progress(items):
+                bars.append(tqdm(items, desc="bench merge", unit="case", file=sys.stderr))
+                return bars[-1]
+
+            try:
+                result = bench.run_merge(quick=args.quick, reps=reps, progress=progress)
+            finally:
+                for b in bars:
+                    b.close()
+            table, plot = bench.format_merge_table(result), bench.plot_merge
+        else:
+            result = bench.run_svd(quick=args.quick, device=device, reps=reps, batch=args.batch, size=args.size)
+            table, plot = bench.format_svd_table(result), bench.plot_svd
+    except bench.ResultMismatchError as e:
+        raise CliError(f"bench {args.kind}: {e}", code=1) from None
+    print(table)
+    paths = bench.write(result, out, plot)
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
 def _add_train_sizing(p: argparse.ArgumentParser) -> None:
     hide = argparse.SUPPRESS  # testing knobs, as for grouped
     p.add_argument("--d", type=_positive_int, default=2048, help=hide)
@@ -257,7 +391,8 @@ def _bench_all(args) -> int:
     return 0
 
 
-_BENCH_HANDLERS = {"grouped": _bench_grouped, "train": _bench_train, "model": _bench_model, "arrow": _bench_arrow}
+_BENCH_HANDLERS = {"grouped": _bench_grouped, "train": _bench_train, "merge": _bench_merge_or_svd,
+                   "svd": _bench_merge_or_svd, "arrow": _bench_arrow, "model": _bench_model}
 
 # --- reproduce: paper recipes (lora_ops.recipes) -------------------------------------------------------------
 

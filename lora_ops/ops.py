@@ -225,3 +225,136 @@ def _grouped_lora_backward(ctx, grad_out):
 
 torch.library.register_autograd(
     "lora_ops::grouped_lora", _grouped_lora_backward, setup_context=_grouped_lora_setup_context)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merging and low-rank factorisation (csrc/common/lowrank.cpp). Not differentiable: no autograd is registered, and
+# calling them on tensors that require grad gives outputs without a graph.
+
+__all__ += ["merge_lowrank", "randomized_svd"]
+
+
+def merge_lowrank(
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    weights: torch.Tensor,
+    rank: int,
+    *,
+    return_singular_values: bool = False,
+):
+    """Exact rank-``rank`` truncated SVD of ``sum_i weights[..., i] * lora_b[..., i] @ lora_a[..., i]``, computed
+    from the factors alone (QR of the stacked factors, SVD of the small ``N*r`` core): the dense ``d_out x d_in``
+    matrix is never formed.
+
+    Args:
+        lora_a: ``[..., N, r, d_in]`` (leading dims: e.g. every layer of a model in one call).
+        lora_b: ``[..., N, d_out, r]``, lora_a's dtype and leading dims.
+        weights: ``[N]`` (shared by every leading index) or ``[..., N]``; fold LoRA scales ``alpha / r`` in here.
+        rank: output rank; above ``min(d_out, d_in, N*r)`` the exact merge is returned, padded with zeros.
+        return_singular_values: also return every singular value of the merge, so a caller can pick the rank by
+            energy (e.g. the smallest rank with ``cumsum(s**2) >= 0.9 * sum(s**2)``).
+
+    Returns:
+        ``(a [..., rank, d_in], b [..., d_out, rank])`` with ``sqrt(S)`` folded into each factor (so ``b @ a`` is
+        the truncation and ``(a**2).sum(-1)`` its singular values), plus ``s [..., min(d_out, d_in, N*r)]``
+        (descending) when asked. Output dtype is the input's; fp16/bf16 are computed in fp32, fp64 in fp64.
+    """
+    a, b, s = torch.ops.lora_ops.merge_lowrank.default(lora_a, lora_b, weights, rank)
+    return (a, b, s) if return_singular_values else (a, b)
+
+
+def randomized_svd(
+    m: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 10,
+    n_iter: int = 2,
+    generator: Optional[torch.Generator] = None,
+):
+    """Randomized truncated SVD (Halko, Martinsson and Tropp) of a batch of matrices.
+
+    Sketch ``Y = m @ Omega`` with ``rank + oversample`` Gaussian columns, ``n_iter`` power iterations with a
+    Householder QR after every product with ``m`` or ``m^T``, then the SVD of the small ``Q^T m``.
+
+    Args:
+        m: ``[..., M, N]`` float32/float16/bfloat16/float64 (half types computed in fp32).
+        rank: number of singular triplets, ``1 <= rank <= min(M, N)``.
+        oversample: extra sketch columns (the sketch width is clipped to ``min(M, N)``).
+        n_iter: power iterations.
+        generator: where the randomness comes from: one 63-bit seed is drawn from it (default: torch's global CPU
+            generator), and the op's own test matrices follow from that seed on m's device. The same generator
+            state gives the same result.
+
+    Returns:
+        ``(U [..., M, rank], S [..., rank], Vh [..., rank, N])`` in m's dtype, S descending.
+    """
+    seed = _draw_seed(generator)
+    return torch.ops.lora_ops.randomized_svd.default(m, rank, oversample, n_iter, seed)
+
+
+def _draw_seed(generator: Optional[torch.Generator]) -> int:
+    device = "cpu" if generator is None else generator.device
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device).item())
+
+
+def _merge_lowrank_shapes(lora_a, lora_b, weights, rank):
+    """Value-free checks mirroring csrc/common/lowrank.cpp; returns (lead, N, r, d_in, d_out)."""
+    if lora_a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"merge_lowrank: lora_a must be float32, float16, bfloat16 or float64, got {lora_a.dtype}")
+    if lora_b.dtype != lora_a.dtype:
+        raise TypeError(f"merge_lowrank: lora_b has dtype {lora_b.dtype} but lora_a has {lora_a.dtype}")
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"merge_lowrank: weights must be a floating-point tensor, got {weights.dtype}")
+    if lora_a.dim() < 3:
+        raise ValueError(f"merge_lowrank: lora_a must have shape [..., N, r, d_in], got {list(lora_a.shape)}")
+    n, r, d_in = lora_a.shape[-3:]
+    lead = tuple(lora_a.shape[:-3])
+    if lora_b.dim() != lora_a.dim() or tuple(lora_b.shape[:-3]) != lead or lora_b.shape[-3] != n \
+            or lora_b.shape[-1] != r:
+        raise ValueError(f"merge_lowrank: lora_b must have shape [..., N, d_out, r] matching lora_a "
+                         f"{list(lora_a.shape)}, got {list(lora_b.shape)}")
+    if weights.dim() < 1 or weights.shape[-1] != n:
+        raise ValueError(f"merge_lowrank: weights must have shape [N] or [..., N] with N = {n}, "
+                         f"got {list(weights.shape)}")
+    w_shape = lead + (n,)
+    if weights.dim() > len(w_shape) or any(h not in (1, want) for h, want in zip(reversed(weights.shape),
+                                                                                reversed(w_shape))):
+        raise ValueError(f"merge_lowrank: weights must have shape [N] or [..., N] broadcastable to "
+                         f"{list(w_shape)}, got {list(weights.shape)}")
+    if rank < 1:
+        raise ValueError(f"merge_lowrank: rank must be >= 1, got {rank}")
+    return lead, n, r, d_in, lora_b.shape[-2]
+
+
+@torch.library.register_fake("lora_ops::merge_lowrank")
+def _merge_lowrank_fake(lora_a, lora_b, weights, rank):
+    lead, n, r, d_in, d_out = _merge_lowrank_shapes(lora_a, lora_b, weights, rank)
+    k = min(d_in, d_out, n * r)
+    return (lora_a.new_empty(lead + (rank, d_in)), lora_a.new_empty(lead + (d_out, rank)),
+            lora_a.new_empty(lead + (k,)))
+
+
+torch.library.register_fake("lora_ops::_merge_lowrank_jacobi")(_merge_lowrank_fake)
+
+
+@torch.library.register_fake("lora_ops::randomized_svd")
+def _randomized_svd_fake(m, rank, oversample=10, n_iter=2, seed=0):
+    if m.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"randomized_svd: m must be float32, float16, bfloat16 or float64, got {m.dtype}")
+    if m.dim() < 2:
+        raise ValueError(f"randomized_svd: m must have shape [..., M, N], got {list(m.shape)}")
+    rows, cols = m.shape[-2:]
+    if not 1 <= rank <= min(rows, cols):
+        raise ValueError(f"randomized_svd: rank must be in [1, min(M, N)] = [1, {min(rows, cols)}] for m of shape "
+                         f"{list(m.shape)}, got {rank}")
+    if oversample < 0:
+        raise ValueError(f"randomized_svd: oversample must be >= 0, got {oversample}")
+    if n_iter < 0:
+        raise ValueError(f"randomized_svd: n_iter must be >= 0, got {n_iter}")
+    lead = tuple(m.shape[:-2])
+    return m.new_empty(lead + (rows, rank)), m.new_empty(lead + (rank,)), m.new_empty(lead + (rank, cols))
+
+
+@torch.library.register_fake("lora_ops::_jacobi_svd")
+def _jacobi_svd_fake(m):
+    k = min(m.shape[-2:])
+    return m.new_empty(m.shape[0], m.shape[1], k), m.new_empty(m.shape[0], k), m.new_empty(m.shape[0], k, m.shape[2])

@@ -22,7 +22,7 @@ from torch import nn
 from lora_ops import _io, ops
 from lora_ops.nn import AdapterBank, MultiLoRALinear, add_delta, grouped_lora_has_autograd
 
-__all__ = ["load_adapters", "save_adapter", "accelerate", "deaccelerate"]
+__all__ = ["load_adapters", "save_adapter", "accelerate", "deaccelerate", "merge_adapters"]
 
 _PREFIX = "base_model.model."  # PEFT's prefix of module names in saved adapters
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.(?:(?P<adapter>[^.]+)\.)?weight$")
@@ -370,3 +370,19 @@ def deaccelerate(peft_model: nn.Module) -> nn.Module:
             layer.__dict__.pop("_mixed_batch_forward", None)  # the instance attribute shadowed the class method
             layer.__dict__.pop("_lora_ops_bank", None)
     return peft_model
+
+
+def merge_adapters(adapters, weights=None, method: str = "svd", *, out=None, **kwargs):
+    """Merges PEFT adapters (folders or ``(state_dict, config)`` pairs) into one, like PEFT's
+    ``add_weighted_adapter``; see :func:`lora_ops.merge.merge_peft_adapters` for the methods and options.
+
+    Returns ``(state_dict, config)``; with ``out`` the merged adapter is also written there as a PEFT adapter folder
+    (atomically).
+    """
+    from lora_ops._io import write_peft_adapter_dir
+    from lora_ops.merge import merge_peft_adapters
+
+    state_dict, config = merge_peft_adapters(adapters, weights, method, **kwargs)
+    if out is not None:
+        write_peft_adapter_dir(out, state_dict, config)
+    return state_dict, config
