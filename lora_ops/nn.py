@@ -23,7 +23,6 @@ __all__ = [
     "wrap",
     "set_adapter_ids",
     "adapter_ids",
-    "grouped_lora_has_autograd",
     "reference_op",
     "per_adapter_loss",
     "BASE",
@@ -34,18 +33,13 @@ BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches; id -1
 Ids = Union[torch.Tensor, Sequence[Union[int, str, None]]]
 
 
-def grouped_lora_has_autograd() -> bool:
-    """True once a backward of ``torch.ops.lora_ops.grouped_lora`` is registered (``torch.library.register_autograd``)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("lora_ops::grouped_lora", "Autograd")
-
-
 _op_override: Optional[Callable[..., torch.Tensor]] = None
 
 
 @contextlib.contextmanager
 def reference_op():
     """Inside the block, ``MultiLoRALinear`` uses the pure-torch ``lora_ops.reference.grouped_lora`` (slow, but
-    differentiable through plain autograd): for debugging, and for training in builds without the op's backward."""
+    differentiable through plain autograd): for debugging gradients against the op's own backward."""
     from lora_ops import reference
 
     global _op_override
@@ -308,14 +302,7 @@ class MultiLoRALinear(nn.Module):
             return result
         ids, weights = self._resolve(x, adapter_ids, weights)
         bank = self.bank
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or bank.lora_a.requires_grad or bank.lora_b.requires_grad
-            or (weights is not None and weights.requires_grad))
         op = _op_override or ops.grouped_lora
-        if needs_grad and _op_override is None and not grouped_lora_has_autograd():
-            raise NotImplementedError("MultiLoRALinear: gradients through grouped_lora need its backward, which is "
-                                      "not registered in this build; run under torch.no_grad() for inference, or "
-                                      "train inside `with lora_ops.nn.reference_op():` (slow pure-torch op)")
         h = self.lora_dropout(x).to(bank.lora_a.dtype)
         delta = op(h, bank.lora_a, bank.lora_b, ids, scales=bank.scales, weights=weights,
                                  check_ids=self.check_ids)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lora_ops import _io, ops
-from lora_ops.nn import AdapterBank, MultiLoRALinear, add_delta, grouped_lora_has_autograd
+from lora_ops.nn import AdapterBank, MultiLoRALinear, add_delta
 
 __all__ = ["load_adapters", "save_adapter", "accelerate", "deaccelerate", "merge_adapters"]
 
@@ -321,7 +321,7 @@ def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: List[
     st = _stacked(self)
     used = {n for n in adapter_names if n in st.index}
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in st.params))
-    if not used or not _fast_path_ok(self, st, used) or (grad and not grouped_lora_has_autograd()):
+    if not used or not _fast_path_ok(self, st, used):
         return self._lora_ops_original_mixed(x, *args, adapter_names=adapter_names, **kwargs)
     for k in ("alora_offsets",):  # variant-only arguments PEFT strips before calling the base layer
         kwargs.pop(k, None)
@@ -343,9 +343,9 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     Every PEFT LoRA ``Linear`` layer gets its ``_mixed_batch_forward`` replaced; its adapters are stacked into a
     bank on first use and restacked whenever adapters are added, removed or their weights change. Calls without
     ``adapter_names`` are untouched (PEFT's own forward). Cases grouped_lora would not reproduce exactly fall back
-    to PEFT per call: LoRA variants (DoRA...), LoRA bias, dropout in training mode, and calls that need gradients
-    while grouped_lora has no backward (with a backward, such calls stack the factors differentiably, so gradients
-    reach PEFT's parameters). Returns the model. Idempotent.
+    to PEFT per call: LoRA variants (DoRA...), LoRA bias, dropout in training mode. Calls that need gradients stack
+    the factors differentiably, so gradients reach PEFT's parameters through grouped_lora's backward. Returns the
+    model. Idempotent.
     """
     from peft.tuners.lora import Linear
 

@@ -167,15 +167,6 @@ def test_merge_unmerge(conv1d):
     assert layer.merged_index is None
 
 
-def test_no_autograd_raises_clearly():
-    if lora_ops.nn.grouped_lora_has_autograd():
-        pytest.skip("grouped_lora has a backward in this build: the guard under test is inactive")
-    _, bank = _mixed_bank(trainable=True)
-    layer = MultiLoRALinear(nn.Linear(24, 20), bank)
-    with pytest.raises(NotImplementedError, match="backward"):
-        layer(torch.randn(2, 24), torch.tensor([0, 1]))
-
-
 def _tiny_llama():
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128)

@@ -246,8 +246,7 @@ def test_accelerate_keeps_gradients_exact(base_model, counted):
     got = grads()
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
-    # without a backward for grouped_lora, PEFT's own path ran; with one, grouped_lora did
-    assert bool(counted) == lora_ops.nn.grouped_lora_has_autograd()
+    assert counted  # the gradients above went through grouped_lora's backward, not PEFT's loop
 
 
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path, counted):

@@ -5,15 +5,11 @@ import copy
 import pytest
 import torch
 
-from lora_ops.nn import adapter_ids, grouped_lora_has_autograd, per_adapter_loss, wrap
+from lora_ops.nn import adapter_ids, per_adapter_loss, wrap
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from lora_ops.peft import load_adapters  # noqa: E402
-
-NEEDS_BACKWARD = pytest.mark.skipif(
-    not grouped_lora_has_autograd(),
-    reason="torch.ops.lora_ops.grouped_lora has no autograd kernel registered (its backward is not merged yet)")
 
 RANKS, ALPHAS = (2, 4, 8, 4), (4, 8, 8, 2)
 NAMES = [f"task{i}" for i in range(4)]
@@ -100,7 +96,6 @@ def check_training_matches_peft(optimizer="sgd", steps=3):
     assert bool((moved > 1e-4).all()), moved
 
 
-@NEEDS_BACKWARD
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_four_adapters_in_one_batch_match_training_alone(optimizer):
     n = torch.get_num_threads()
