@@ -233,3 +233,22 @@ def test_arrow_from_peft_needs_an_arrow_model():
     model = peft.get_peft_model(TwoLayer(), peft.LoraConfig(r=2, target_modules=["up"]))
     with pytest.raises(ValueError, match="Arrow router"):
         routing.arrow_from_peft(model)
+
+
+def test_multilora_linear_arrow_mode():
+    # Arrow mode of MultiLoRALinear: per layer, per token, route then apply grouped_lora over the top-k.
+    from lora_ops.nn import AdapterBank, MultiLoRALinear
+    from lora_ops.routing import ArrowRouter, arrow_forward
+
+    g = torch.Generator().manual_seed(3)
+    n, r, d_in, d_out = 6, 4, 24, 18
+    a, b = torch.randn(n, r, d_in, generator=g), torch.randn(n, d_out, r, generator=g)
+    scales = torch.rand(n, generator=g) + 0.5
+    bank = AdapterBank(a, b, scales, [f"e{i}" for i in range(n)])
+    base = torch.nn.Linear(d_in, d_out)
+    router = ArrowRouter.from_adapters(a, b, top_k=2, temperature=0.7)
+    layer = MultiLoRALinear(base, bank, router=router)
+    x = torch.randn(3, 5, d_in, generator=g)
+    with torch.no_grad():
+        want = base(x) + arrow_forward(x, a, b, scales, router.prototypes, 2, 0.7)
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from lora_ops.merge import truncate_by_energy
 from lora_ops.recipes import adapters as ad
 from lora_ops.recipes import eval as ev
 from lora_ops.recipes import results as res
@@ -136,14 +137,10 @@ def routing_loss(model, mine: Dict[str, List[dict]], everyone: Dict[str, List[di
 
 def energy_truncate(delta: torch.Tensor, energy: float) -> Tuple[torch.Tensor, int]:
     """(the leading SVD part of ``delta`` covering ``energy`` of ``Σσ²``, the number of directions kept)."""
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    total = (s ** 2).sum()
-    if total == 0:
+    k = truncate_by_energy(s, energy)  # the same energy rule as lora_ops.merge's iterative_max
+    if s.numel() == 0 or s[0] == 0:
         return torch.zeros_like(delta), 0
-    cum = torch.cumsum(s ** 2, 0) / total
-    k = int((cum < energy - 1e-12).sum()) + 1
     return ((u[:, :k] * s[:k]) @ vh[:k]).to(delta.dtype), k
 
 
