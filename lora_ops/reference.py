@@ -109,3 +109,29 @@ def _grads(y: torch.Tensor, inputs: list, grad_out: torch.Tensor) -> tuple:
     if not y.requires_grad:
         return tuple(torch.zeros_like(t) for t in inputs)
     return torch.autograd.grad(y, inputs, grad_out, allow_unused=True, materialize_grads=True)
+
+
+def merge_lowrank(lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor, rank: int):
+    """Dense reference of ``lora_ops.merge_lowrank``: form ``M = sum_i w_i B_i A_i`` ([..., d_out, d_in]), full SVD,
+    keep ``rank`` triplets with ``sqrt(S)`` in each factor. Returns ``(a [..., rank, d_in], b [..., d_out, rank],
+    s [..., min(d_out, d_in, N*r)])`` in float64 (singular vectors are unique only up to sign/rotation: compare
+    products ``b @ a``). Ranks above the matrix's are padded with zeros, as the op does."""
+    a, b = lora_a.double(), lora_b.double()
+    w = weights.double()
+    m = torch.einsum("...n,...nor,...nri->...oi", w.expand(*a.shape[:-3], a.shape[-3]), b, a)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    k = min(rank, s.shape[-1])
+    root = s[..., :k].sqrt()
+    out_a = torch.zeros(*m.shape[:-2], rank, m.shape[-1], dtype=torch.float64)
+    out_b = torch.zeros(*m.shape[:-2], m.shape[-2], rank, dtype=torch.float64)
+    out_a[..., :k, :] = root[..., :, None] * vh[..., :k, :]
+    out_b[..., :, :k] = u[..., :, :k] * root[..., None, :]
+    n_r = lora_a.shape[-3] * lora_a.shape[-2]
+    return out_a, out_b, s[..., : min(n_r, s.shape[-1])]
+
+
+def randomized_svd(m: torch.Tensor, rank: int):
+    """The exact truncated SVD that ``lora_ops.randomized_svd`` approximates: ``(U [..., M, rank], S [..., rank],
+    Vh [..., rank, N])`` of ``m`` in float64 (for matrices of rank <= ``rank`` the two agree up to rounding)."""
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    return u[..., :, :rank], s[..., :rank], vh[..., :rank, :]

@@ -28,3 +28,23 @@ def test_grouped_lora_from_threads():
         results = list(pool.map(run, range(128)))
     for j, out in results:
         torch.testing.assert_close(out.double(), expected[j].double(), atol=1e-4, rtol=1e-4)
+
+
+def test_merge_and_arrow_ops_from_threads():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, 40, generator=g), torch.randn(4, 30, 3, generator=g)
+    w = torch.rand(4, generator=g)
+    x = torch.randn(50, 40, generator=g)
+    serial = (lora_ops.merge_lowrank(a, b, w, 5), lora_ops.arrow_prototypes(a, b))
+    protos = serial[1]
+    routed = lora_ops.arrow_route(x, protos, 2)
+
+    def run(_):
+        return lora_ops.merge_lowrank(a, b, w, 5), lora_ops.arrow_prototypes(a, b), lora_ops.arrow_route(x, protos, 2)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for (ma, mb), p, (ids, wt) in pool.map(run, range(48)):
+            torch.testing.assert_close(mb @ ma, serial[0][1] @ serial[0][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(p, protos, atol=1e-6, rtol=1e-6)
+            assert torch.equal(ids, routed[0])
+            torch.testing.assert_close(wt, routed[1])
