@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 import lora_ops
+from lora_ops.benchmarks import report
 from lora_ops.benchmarks.grouped import _inference, _OneLinear
 from lora_ops.benchmarks.timing import OtherCpuMeter, environment, time_fn
 
@@ -279,9 +281,7 @@ def format_table(result: dict) -> str:
         lines.append(f"other processes used {100 * share:.0f}% of the machine's CPU time: timings may be inflated")
 
     def table(header, rows):
-        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-        for row in [header] + rows:
-            lines.append("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
+        lines.extend(report.align_rows(header, rows))
 
     rows = []
     for c in result["cases"]:
@@ -315,15 +315,12 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plot(result: dict, out_dir) -> "Path":  # noqa: F821
+def write_plot(result: dict, out_dir) -> Path:
     """Arrow-part time per method (log scale), one group of bars per case; ``<out_dir>/<stem>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pathlib import Path
-
-    from lora_ops.benchmarks.report import _atomic_write, _stem
 
     labels = {"peft": "PEFT Arrow (minus base)", "einsum": "torch all-experts einsum",
               "lora_ops": "lora_ops route + grouped_lora", "route": "lora_ops arrow_route alone"}
@@ -342,11 +339,7 @@ def write_plot(result: dict, out_dir) -> "Path":  # noqa: F821
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
-    path = Path(out_dir) / f"{_stem(result)}.png"
-    try:
-        return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    return report.save_png(fig, result, out_dir)
 
 
 def write_report(result: dict, out_dir) -> dict:

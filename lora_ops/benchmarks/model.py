@@ -250,10 +250,7 @@ def format_table(result: dict) -> str:
                      f(r["peft/accelerated_cpu"], ".1f"),
                      f(max(c["check"]["accelerated"], c["check"]["wrapped"]), ".1e"),
                      f(None if c.get("other_cpu_share") is None else 100 * c["other_cpu_share"], ".0f")])
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    for row in [header] + rows:
-        lines.append("  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]))
-    return "\n".join(lines)
+    return "\n".join(lines + report.align_rows(header, rows))
 
 
 def write_plot(result: dict, out_dir) -> Path:
@@ -283,11 +280,7 @@ def write_plot(result: dict, out_dir) -> Path:
                  f"{env['threads']} threads, others used {100 * (result.get('other_cpu_share') or 0):.0f}% CPU)",
                  fontsize=9)
     fig.tight_layout()
-    path = Path(out_dir) / f"{report._stem(result)}.png"
-    try:
-        return report._atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    return report.save_png(fig, result, out_dir)
 
 
 def write_report(result: dict, out_dir) -> dict:

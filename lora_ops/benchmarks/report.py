@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["format_table", "machine_slug", "write_json", "write_plot", "write_report"]
+__all__ = ["align_rows", "format_table", "machine_slug", "save_png", "write_json", "write_plot", "write_report"]
 
 # Plotted methods (LoRA part) in legend order, with fixed colours so plots with and without gather_bmm compare;
 # "peft" is PEFT's total minus the base layer.
@@ -24,6 +24,13 @@ PLOT_METHODS = {"peft": ("PEFT adapter_names (minus base)", "C0"), "loop": ("tor
 
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def align_rows(header: list, rows: list) -> list:
+    """Text lines of a table: the first column (the case name) left-aligned, every other (numbers) right-aligned."""
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    return ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
+            for row in [header] + rows]
 
 
 def format_table(result: dict) -> str:
@@ -54,12 +61,7 @@ def format_table(result: dict) -> str:
             _fmt(c["check"]["lora_ops"]["max_abs_diff"], ".1e"),
             _fmt(None if c.get("other_cpu_share") is None else 100 * c["other_cpu_share"], ".0f"),
         ])
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    # the case name is text: left-aligned; every other column is a number: right-aligned
-    for row in [header] + rows:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    return "\n".join(lines + align_rows(header, rows))
 
 
 def machine_slug(env: dict) -> str:
@@ -85,6 +87,17 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_png(fig, result: dict, out_dir: str | os.PathLike) -> Path:
+    """Save a matplotlib figure atomically as ``<out_dir>/<kind>-<machine>-<stamp>.png`` and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return _atomic_write(Path(out_dir) / f"{_stem(result)}.png",
+                             lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def write_json(result: dict, out_dir: str | os.PathLike) -> Path:
@@ -134,16 +147,12 @@ def write_plot(result: dict, out_dir: str | os.PathLike) -> Path:
             ax.set_ylabel("LoRA part (ms)")
             ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     env = result["environment"]
     fig.suptitle(f"grouped LoRA, {env['device']} ({env.get('gpu_name') or env['cpu_model']}, "
                  f"{env['threads']} threads), {result['settings']['dtype']}")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))  # leave the bottom strip to the shared legend
-    path = Path(out_dir) / f"{_stem(result)}.png"
-    try:
-        return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # leave the bottom strip to the shared legend
+    return save_png(fig, result, out_dir)
 
 
 def write_report(result: dict, out_dir: str | os.PathLike) -> dict:

@@ -175,10 +175,7 @@ def format_table(result: dict) -> str:
                      report._fmt(r.get("loop/lora_ops"), ".2f"), report._fmt(r.get("gather_bmm/lora_ops"), ".2f"),
                      report._fmt(r["lora_ops/base"], ".3f"), report._fmt(c["check"]["lora_ops"]["rel_diff"], ".1e"),
                      report._fmt(None if share is None else 100 * share, ".0f")])
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    for row in [header] + rows:
-        lines.append("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
-    return "\n".join(lines)
+    return "\n".join(lines + report.align_rows(header, rows))
 
 
 def write_plot(result: dict, out_dir) -> Path:
@@ -206,11 +203,7 @@ def write_plot(result: dict, out_dir) -> Path:
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
-    path = Path(out_dir) / f"{report._stem(result)}.png"
-    try:
-        return report._atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    return report.save_png(fig, result, out_dir)
 
 
 def write_report(result: dict, out_dir) -> dict:
