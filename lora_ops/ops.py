@@ -322,6 +322,9 @@ def _merge_lowrank_shapes(lora_a, lora_b, weights, rank):
                          f"{list(w_shape)}, got {list(weights.shape)}")
     if rank < 1:
         raise ValueError(f"merge_lowrank: rank must be >= 1, got {rank}")
+    for name, t in (("lora_b", lora_b), ("weights", weights)):
+        if t.device != lora_a.device:
+            raise ValueError(f"merge_lowrank: {name} is on {t.device} but lora_a is on {lora_a.device}")
     return lead, n, r, d_in, lora_b.shape[-2]
 
 
@@ -358,3 +361,21 @@ def _randomized_svd_fake(m, rank, oversample=10, n_iter=2, seed=0):
 def _jacobi_svd_fake(m):
     k = min(m.shape[-2:])
     return m.new_empty(m.shape[0], m.shape[1], k), m.new_empty(m.shape[0], k), m.new_empty(m.shape[0], k, m.shape[2])
+
+
+# ---- Not differentiable: a clear error at backward time instead of a missing-derivative error deep inside ATen ----
+
+
+def _not_differentiable(op: str, why: str):
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"lora_ops.{op} is not differentiable ({why}); call it on detached tensors or "
+                                  "under torch.no_grad()")
+
+    torch.library.register_autograd(f"lora_ops::{op}", backward)
+
+
+# Forward calls with inputs that require grad still work (e.g. merging trainable adapters); only backward raises.
+_not_differentiable("merge_lowrank", "it merges frozen adapters")
+_not_differentiable("randomized_svd", "no derivative of the randomized range finder is implemented")
+_not_differentiable("arrow_prototypes", "Arrow routes a frozen library")
+_not_differentiable("arrow_route", "Arrow routing is training-free")
