@@ -213,6 +213,7 @@ def fit(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
 class LoRAConfig:
     r: int = 8
     alpha: float = 16.0
+    dropout: float = 0.0  # PEFT lora_dropout on the LoRA input during training (the Modular LLMs paper: 0.05)
     targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -220,9 +221,11 @@ def add_lora(base: torch.nn.Module, lcfg: LoRAConfig, seed: int, init: Optional[
     """A PEFT model around a private copy of ``base`` with one fresh adapter (seeded), or one loaded from ``init``."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    torch.manual_seed(seed)  # PEFT initialises A from the global generator
-    config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, target_modules=list(lcfg.targets), lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM")
+    if not 0.0 <= lcfg.dropout < 1.0:
+        raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {lcfg.dropout!r}")
+    torch.manual_seed(seed)  # PEFT initialises A from the global generator (and dropout draws from it)
+    config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, target_modules=list(lcfg.targets),
+                        lora_dropout=lcfg.dropout, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(copy.deepcopy(base), config)
     if init is not None:
         result = set_peft_model_state_dict(model, init)
