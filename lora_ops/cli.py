@@ -8,7 +8,7 @@
     lora-ops bench all [--quick] [--device cpu|cuda] [--out DIR]
     lora-ops merge ADAPTER_DIR... [--method svd] [--weights W...] [--rank R] --out DIR
 
-    lora-ops reproduce ilora|seeded-lora [--quick] [--data DIR] [--model DIR] [--out DIR]
+    lora-ops reproduce ilora|seeded-lora|moa|modular [--quick] [--data DIR] [--model DIR] [--out DIR]
 
 ``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, model, all). Further top-level
 commands (``merge``, ``reproduce``) get their own sub-parser next to
@@ -396,7 +396,9 @@ _BENCH_HANDLERS = {"grouped": _bench_grouped, "train": _bench_train, "merge": _b
 
 # --- reproduce: paper recipes (lora_ops.recipes) -------------------------------------------------------------
 
-RECIPES = ("ilora", "seeded-lora")
+RECIPES = ("ilora", "seeded-lora", "moa", "modular")
+# recipe name -> module of lora_ops.recipes (each has quick_config(), its config class, run() and markdown())
+_RECIPE_MODULES = {"ilora": "ilora", "seeded-lora": "seeded_lora", "moa": "moa", "modular": "modular"}
 
 
 def _add_reproduce(commands) -> None:
@@ -437,10 +439,9 @@ def _reproduce(args) -> int:
     except ImportError as e:
         raise CliError(f"reproduce needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") \
             from None
-    if args.recipe == "ilora":
-        from lora_ops.recipes import ilora as recipe
-    else:
-        from lora_ops.recipes import seeded_lora as recipe
+    import importlib
+
+    recipe = importlib.import_module(f"lora_ops.recipes.{_RECIPE_MODULES[args.recipe]}")
     cfg = recipe.quick_config() if args.quick else type(recipe.quick_config())()
     cfg = dataclasses.replace(cfg, seed=args.seed, base=dataclasses.replace(cfg.base, seed=args.seed))
     try:

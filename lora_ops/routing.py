@@ -9,10 +9,15 @@ arXiv 2405.11157): Arrow (per-token top-k by prototype), Mu (uniform average) an
 - ``mbc_cluster``: model-based clustering of private adapters by the similarity of their parameters.
 - ``arrow_from_peft`` / ``set_peft_prototypes``: interop with PEFT's Arrow (``ArrowConfig``,
   ``create_arrow_model``).
+- ``MoARouter`` / ``moa_state`` / ``moa_router_loss`` / ``moa_select``: the sequence-level per-layer router of
+  "Mixture-of-LoRAs" (arXiv 2403.03432): mean-pooled hidden state of a sequence -> ``Linear(d, N)``, trained with
+  cross-entropy against domain labels, top-1 expert per sequence at inference (per layer, by the last router, or
+  by a vote over all routers).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
@@ -22,6 +27,7 @@ from torch import nn
 from lora_ops import ops
 
 __all__ = [
+    "MoARouter", "moa_routers", "moa_state", "moa_router_loss", "moa_select", "MOA_SELECT_MODES",
     "arrow_prototypes", "ArrowRouter", "arrow_forward", "mu_factors", "MuRouter", "MBCResult", "mbc_cluster",
     "ArrowLayer", "arrow_from_peft", "set_peft_prototypes",
 ]
@@ -257,6 +263,164 @@ def mbc_cluster(adapters: Sequence[AdapterLike], k: int, seed: int = 0, *, keep_
     km = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit(embedding.numpy())
     labels = torch.as_tensor(km.labels_, dtype=torch.int64)
     return MBCResult(labels=labels, similarity=similarity, embedding=embedding)
+
+
+# ---- MoA: sequence-level routers, one per adapted layer ----
+
+
+class MoARouter(nn.Module):
+    """The Mixture-of-LoRAs router of one layer: ``Linear(d_in, N)`` on the mean-pooled hidden state of a sequence.
+
+    ``forward(x [B, S, d_in]) -> (ids, weights)`` is a ``MultiLoRALinear`` router (``MultiLoRALinear(base, bank,
+    router=MoARouter(d_in, N))``); every call records its logits ``[B, N]`` in ``last_logits`` so a loss or a vote
+    can read them after the model's forward. What it returns:
+
+    - ``forced_ids [B]`` set (gold domains in training, or a decision from ``moa_select``): those ids for every
+      token of the sequence (``-1`` = base model only), weight 1;
+    - ``mode="top1"`` (default): the arg-max expert of the sequence (lowest index on ties), weight 1;
+    - ``mode="soft"``: every expert, weights ``softmax(logits)`` (a dense per-sequence mixture; work grows with N).
+      Gradients reach the router through the weights, so this mode trains without domain labels.
+
+    ``pool_mask [B, S]`` (bool) chooses the tokens that are averaged, e.g. only the prompt so that the router of a
+    teacher-forced pass never sees the answer; without it every token counts. A sequence with no masked token pools
+    to zeros (its logits are the bias). Set both with :func:`moa_state`. A 2-D ``x [B, d_in]`` is one token per row.
+    """
+
+    def __init__(self, d_in: int, num_experts: int, *, mode: str = "top1", bias: bool = True):
+        super().__init__()
+        if not isinstance(d_in, int) or d_in < 1:
+            raise ValueError(f"MoARouter: d_in must be an int >= 1, got {d_in!r}")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"MoARouter: num_experts must be an int >= 1, got {num_experts!r}")
+        if mode not in ("top1", "soft"):
+            raise ValueError(f"MoARouter: mode must be 'top1' or 'soft', got {mode!r}")
+        self.proj = nn.Linear(d_in, num_experts, bias=bias)
+        self.mode = mode
+        self.pool_mask: Optional[torch.Tensor] = None
+        self.forced_ids: Optional[torch.Tensor] = None
+        self.last_logits: Optional[torch.Tensor] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.proj.out_features
+
+    def pool(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean of ``x [B, S, d]`` over the positions where ``mask [B, S]`` is true (all when None) -> ``[B, d]``."""
+        if x.dim() == 2:
+            return x
+        if x.dim() != 3:
+            raise ValueError(f"MoARouter: x must be [B, S, d_in] or [B, d_in], got {list(x.shape)}")
+        if mask is None:
+            return x.mean(dim=1)
+        if tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"MoARouter: pool_mask must have shape [B, S] = {list(x.shape[:2])}, got "
+                             f"{list(mask.shape)}")
+        m = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+    def logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Router logits ``[B, N]`` of ``x [B, S, d_in]`` (mean over ``mask``)."""
+        if x.shape[-1] != self.proj.in_features:
+            raise ValueError(f"MoARouter: x has width {x.shape[-1]}, the router expects {self.proj.in_features}")
+        pooled = self.pool(x, mask)
+        return self.proj(pooled.to(self.proj.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        logits = self.logits(x, self.pool_mask)
+        self.last_logits = logits
+        lead = tuple(x.shape[:-1])
+        b = lead[0]
+        view = (b,) + (1,) * (len(lead) - 1)
+        if self.forced_ids is not None:
+            ids = torch.as_tensor(self.forced_ids, device=x.device).to(torch.int64)
+            if tuple(ids.shape) != (b,):
+                raise ValueError(f"MoARouter: forced_ids must have shape [B] = [{b}], got {list(ids.shape)}")
+            if bool(((ids < -1) | (ids >= self.num_experts)).any()):
+                raise IndexError(f"MoARouter: forced_ids must be in [-1, {self.num_experts}), got "
+                                 f"{ids.min().item()}..{ids.max().item()}")
+            return ids.reshape(view).expand(lead).contiguous(), None
+        if self.mode == "top1":
+            return logits.argmax(dim=-1).reshape(view).expand(lead).contiguous(), None
+        n = self.num_experts
+        probs = torch.softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
+        ids = torch.arange(n, device=x.device).expand(*lead, n).contiguous()
+        weights = probs.reshape(view + (n,)).expand(*lead, n).contiguous()
+        return ids, weights
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, mode={self.mode!r}"
+
+
+def moa_routers(model: nn.Module) -> list:
+    """The model's ``MoARouter`` modules in registration order (for a transformers model: forward order)."""
+    return [m for m in model.modules() if isinstance(m, MoARouter)]
+
+
+@contextlib.contextmanager
+def moa_state(model: nn.Module, *, pool_mask: Optional[torch.Tensor] = None,
+              forced_ids: Optional[torch.Tensor] = None, mode: Optional[str] = None):
+    """``with moa_state(model, pool_mask=..., forced_ids=..., mode=...): model(...)`` sets the per-batch state of
+    every ``MoARouter`` in ``model`` (``mode`` overrides each router's mode) and restores it afterwards."""
+    routers = moa_routers(model)
+    if not routers:
+        raise ValueError("moa_state: the model has no MoARouter (MultiLoRALinear(..., router=MoARouter(d, N)))")
+    if mode is not None and mode not in ("top1", "soft"):
+        raise ValueError(f"moa_state: mode must be 'top1' or 'soft', got {mode!r}")
+    saved = [(r.pool_mask, r.forced_ids, r.mode) for r in routers]
+    for r in routers:
+        r.pool_mask, r.forced_ids, r.last_logits = pool_mask, forced_ids, None
+        r.mode = mode or r.mode
+    try:
+        yield routers
+    finally:
+        for r, (m, f, md) in zip(routers, saved):
+            r.pool_mask, r.forced_ids, r.mode = m, f, md
+
+
+def moa_router_loss(routers: Sequence[MoARouter], labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of every router's last logits against the domain ``labels [B]``, averaged over routers.
+
+    ``reduction`` applies over the batch (``"mean"`` or ``"sum"``; a sum lets data-parallel training divide by the
+    global batch size). Call after the forward whose logits it should score.
+    """
+    if not routers:
+        raise ValueError("moa_router_loss: no routers")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"moa_router_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    losses = []
+    for i, r in enumerate(routers):
+        if r.last_logits is None:
+            raise ValueError(f"moa_router_loss: router {i} has no logits (run the model's forward first)")
+        if r.last_logits.shape[0] != labels.shape[0]:
+            raise ValueError(f"moa_router_loss: labels has {labels.shape[0]} rows, router {i} saw "
+                             f"{r.last_logits.shape[0]}")
+        losses.append(torch.nn.functional.cross_entropy(r.last_logits.float(), labels.to(r.last_logits.device),
+                                                        reduction=reduction))
+    return torch.stack(losses).mean()
+
+
+MOA_SELECT_MODES = ("last", "vote")
+
+
+def moa_select(logits: Union[torch.Tensor, Sequence[torch.Tensor]], mode: str) -> torch.Tensor:
+    """One expert per sequence from the logits of all routers, ``[L, B, N]`` (or a list of L ``[B, N]``).
+
+    ``"last"``: the arg-max of the last router. ``"vote"``: the expert that most routers rank first; ties between
+    experts with equally many votes go to the one with the larger summed probability over routers, then to the
+    lower index. Returns int64 ``[B]``.
+    """
+    stack = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits))
+    if stack.dim() != 3 or stack.shape[0] == 0:
+        raise ValueError(f"moa_select: logits must be [L, B, N] with L >= 1, got {list(stack.shape)}")
+    if mode == "last":
+        return stack[-1].argmax(dim=-1)
+    if mode != "vote":
+        raise ValueError(f"moa_select: mode must be one of {MOA_SELECT_MODES}, got {mode!r}")
+    n = stack.shape[-1]
+    votes = torch.nn.functional.one_hot(stack.argmax(dim=-1), n).sum(dim=0).double()  # [B, N]
+    prob = torch.softmax(stack.double(), dim=-1).sum(dim=0)  # [B, N], < L <= 1 vote apart
+    # votes dominate: probability sums are < L, a vote is worth L + 1
+    return (votes * (stack.shape[0] + 1) + prob).argmax(dim=-1)
 
 
 # ---- PEFT interop ----

@@ -100,7 +100,7 @@ def test_cli_reproduce(tmp_path, cache, monkeypatch, capsys):
     assert (tmp_path / "o" / "results.json").is_file()
     rc = cli.main(["reproduce", "seeded-lora", "--data", str(tmp_path / "missing")])
     assert rc == 2 and "--data" in capsys.readouterr().err
-    assert cli.main(["reproduce", "moa"]) == 2
+    assert cli.main(["reproduce", "no-such-recipe"]) == 2
 
 
 def test_recipe_on_a_user_data_folder(tmp_path, cache):

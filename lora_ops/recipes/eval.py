@@ -10,7 +10,7 @@ right). This is the same number as generating, at the cost of a single forward p
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -51,8 +51,13 @@ def greedy(model, tok, prompts: Sequence[str], max_new: int, max_len: int = 64) 
 
 
 @torch.no_grad()
-def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, max_len: int = 64) -> Dict[str, dict]:
-    """``{task: {"acc": exact-match fraction, "loss": answer token-mean CE, "n": rows}}``."""
+def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, max_len: int = 64,
+             forward: Optional[Callable] = None) -> Dict[str, dict]:
+    """``{task: {"acc": exact-match fraction, "loss": answer token-mean CE, "n": rows}}``.
+
+    ``forward(model, rows, ids, loss_mask, attention_mask) -> logits`` replaces the plain model call (e.g. to route
+    each batch from its rows' prompts first); rows are the encoded examples of the batch.
+    """
     model.eval()
     by_task: Dict[str, List[Example]] = defaultdict(list)
     for e in examples:
@@ -64,7 +69,10 @@ def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, m
             chunk = exs[i:i + batch_size]
             rows = [encode_example(tok, e, max_len) for e in chunk]
             ids, mask, att = collate(rows, 0)
-            logits = model(input_ids=ids, attention_mask=att).logits
+            if forward is None:
+                logits = model(input_ids=ids, attention_mask=att).logits
+            else:
+                logits = forward(model, rows, ids, mask, att)
             ce = token_ce(logits, ids, mask)
             ce_sum += float(ce.sum())
             tokens += int(mask[:, 1:].sum())
