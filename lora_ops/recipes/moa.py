@@ -384,12 +384,24 @@ def _time_methods(fns: Dict[str, object], ref: str, tokens: int, reps: int) -> d
         if "gold" in name or name.startswith("PEFT"):
             entry["max_abs_diff_vs_peft"] = float((fn() - want).abs().max())
         out[name] = entry
+    base_ms = out.get(BASE_ONLY, {}).get("ms")
     for entry in out.values():
         entry["speedup_vs_peft"] = out[ref]["ms"] / entry["ms"]
+        if base_ms is not None:  # the adapters' share: time above the adapter-free model's
+            entry["lora_part_ms"] = entry["ms"] - base_ms
+    if base_ms is not None:
+        peft_part = out[ref]["lora_part_ms"]
+        for name, entry in out.items():
+            if name != BASE_ONLY and entry["lora_part_ms"] > 0:
+                entry["lora_part_speedup_vs_peft"] = peft_part / entry["lora_part_ms"]
     return out
 
 
-def _mixed_batch_fns(lib_model, peft_model, domains, rows, ids, mask, att, moa_model=None) -> Dict[str, object]:
+BASE_ONLY = "base model, no adapters"
+
+
+def _mixed_batch_fns(base, lib_model, peft_model, domains, rows, ids, mask, att, moa_model=None
+                     ) -> Dict[str, object]:
     labels = _labels(rows)
     names = [domains[i] for i in labels.tolist()]
 
@@ -404,7 +416,8 @@ def _mixed_batch_fns(lib_model, peft_model, domains, rows, ids, mask, att, moa_m
                 out[sel] = logits
         return out
 
-    fns = {"lora_ops, gold ids (1 pass)": lambda: moa_logits(lib_model, rows, ids, mask, att, labels),
+    fns = {BASE_ONLY: lambda: base(input_ids=ids, attention_mask=att).logits,
+           "lora_ops, gold ids (1 pass)": lambda: moa_logits(lib_model, rows, ids, mask, att, labels),
            "PEFT adapter_names (1 pass)": lambda: peft_model(input_ids=ids, attention_mask=att,
                                                              adapter_names=names).logits,
            "PEFT, one sub-batch per domain": peft_per_domain}
@@ -426,7 +439,7 @@ def time_mixed_batch(base, moa_model, stage1, expert_states, domains, test, rows
     ids, mask, att = train.collate(rows, 0)
     tokens = int(att.sum())
     peft_model = _peft_library(base, expert_states, domains, cfg.r, cfg.alpha)
-    fns = _mixed_batch_fns(stage1, peft_model, domains, rows, ids, mask, att, moa_model)
+    fns = _mixed_batch_fns(base, stage1, peft_model, domains, rows, ids, mask, att, moa_model)
     out = {"rows": len(rows), "tokens": tokens,
            "methods": _time_methods(fns, "PEFT adapter_names (1 pass)", tokens, cfg.timing_reps)}
     if cfg.wide_model is not None:
@@ -442,7 +455,7 @@ def time_mixed_batch(base, moa_model, stage1, expert_states, domains, test, rows
                     for name, m in wide.named_modules() if name.endswith(targets)} for _ in domains]
         states = [ad.peft_from_factors(e, cfg.alpha) for e in experts]
         lib = build_moa_model(wide, experts, domains, r=cfg.r, alpha=cfg.alpha, seed=cfg.seed)
-        fns = _mixed_batch_fns(lib, _peft_library(wide, states, domains, cfg.r, cfg.alpha), domains, rows, ids,
+        fns = _mixed_batch_fns(wide, lib, _peft_library(wide, states, domains, cfg.r, cfg.alpha), domains, rows, ids,
                                mask, att)
         out["wide"] = {"model": asdict(cfg.wide_model), "rows": len(rows), "tokens": tokens,
                        "methods": _time_methods(fns, "PEFT adapter_names (1 pass)", tokens, cfg.timing_reps)}
@@ -486,10 +499,12 @@ def markdown(p: dict) -> str:
 
 
 def _timing_table(methods: dict) -> str:
-    rows = [[n, e["ms"], e["tokens_per_s"], e["speedup_vs_peft"], e.get("max_abs_diff_vs_peft"),
-             e.get("others_cpu")] for n, e in methods.items()]
-    return res.markdown_table(["method", "ms", "tokens/s", "vs PEFT adapter_names", "max abs Δ logit vs PEFT",
-                               "others' CPU share"], rows)
+    rows = [[n, e["ms"], e["tokens_per_s"], e["speedup_vs_peft"], e.get("lora_part_ms"),
+             e.get("lora_part_speedup_vs_peft"), e.get("max_abs_diff_vs_peft"), e.get("others_cpu")]
+            for n, e in methods.items()]
+    return res.markdown_table(["method", "ms", "tokens/s", "speed vs PEFT adapter_names", "adapters' part ms",
+                               "adapters' part: PEFT / this", "max abs Δ logit vs PEFT", "others' CPU share"],
+                              rows)
 
 
 def write(p: dict, out: Path) -> dict:
@@ -505,7 +520,7 @@ def write(p: dict, out: Path) -> dict:
             list(range(len(first["layers"]))),
             {v: a["per_layer"] for v, a in p["router_accuracy"].items()}, "adapted layer (forward order)",
             "accuracy vs gold domain")
-    methods = list(p["timing"]["methods"])
+    methods = [m for m in p["timing"]["methods"] if m != BASE_ONLY]
     series = {"recipe model": [p["timing"]["methods"][m]["speedup_vs_peft"] for m in methods]}
     if p["timing"].get("wide"):
         series["realistic width"] = [p["timing"]["wide"]["methods"].get(m, {}).get("speedup_vs_peft", 0.0)
