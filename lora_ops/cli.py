@@ -1,11 +1,11 @@
 """The ``lora-ops`` console script.
 
-    lora-ops bench grouped [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+    lora-ops bench grouped [--quick] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--out DIR] [--threads N]
     lora-ops bench arrow [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench model [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench train [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench merge [--quick] | lora-ops bench svd [--quick] [--device cpu|cuda]
-    lora-ops bench all [--quick] [--device cpu|cuda] [--out DIR]
+    lora-ops bench all [--quick] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--out DIR]
     lora-ops merge ADAPTER_DIR... [--method svd] [--weights W...] [--rank R] --out DIR
 
     lora-ops reproduce ilora|seeded-lora|moa|modular [--quick] [--data DIR] [--model DIR] [--out DIR]
@@ -14,8 +14,9 @@
 commands (``merge``, ``reproduce``) get their own sub-parser next to
 ``bench``. Usage errors and failed preconditions print one line on stderr and exit non-zero, without a traceback.
 
-``bench grouped`` also takes hidden options that shrink the case grid (``--d 64 --n 2 4 --tokens 8 --rank 4
---dists uniform --reps 2 --warmup 1``), for tests and quick experiments.
+``bench grouped`` also takes hidden options that replace the case grid by a small one (``--d 64 --n 2 4 --tokens 8
+--rank 4 --seq-len 4 --dists uniform --reps 2 --warmup 1``), for tests and quick experiments. ``--dtype`` (default
+fp32) is taken by the kinds that support it (grouped); ``bench all --dtype X`` runs those in X and the rest in fp32.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Optional, Sequence
 __all__ = ["main"]
 
 BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "model", "all")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DTYPE_KINDS = ("grouped",)  # the kinds that take --dtype other than fp32
 KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops",
              "arrow": "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops",
              "model": "whole Llama forward on a mixed-adapter batch: PEFT adapter_names vs accelerate / wrap",
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for the JSON and PNG results (default: bench/results)")
     common.add_argument("--threads", type=_positive_int, metavar="N",
                         help="torch intra-op threads (default: torch's own choice)")
+    common.add_argument("--dtype", choices=DTYPE_NAMES, metavar="DTYPE",
+                        help=f"one of {', '.join(DTYPE_NAMES)} (default fp32; other kinds than "
+                             f"{', '.join(DTYPE_KINDS)} are float32 only)")
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="kind")
     for kind in BENCH_KINDS:
         p = kinds.add_parser(kind, parents=[common], help=KIND_HELP.get(kind, "not implemented yet"))
@@ -100,8 +106,9 @@ def _add_grouped_sizing(p: argparse.ArgumentParser) -> None:
     hide = argparse.SUPPRESS  # testing knobs: the published case grid is fixed by --quick
     p.add_argument("--d", type=_positive_int, nargs="+", help=hide)
     p.add_argument("--n", type=_positive_int, nargs="+", help=hide)
-    p.add_argument("--tokens", type=_positive_int, default=256, help=hide)
-    p.add_argument("--rank", type=_positive_int, default=16, help=hide)
+    p.add_argument("--tokens", type=_positive_int, help=hide)
+    p.add_argument("--rank", type=_positive_int, help=hide)
+    p.add_argument("--seq-len", type=_positive_int, help=hide)
     p.add_argument("--dists", nargs="+", choices=("same", "uniform", "zipf", "distinct"), help=hide)
     p.add_argument("--reps", type=_positive_int, help=hide)
     p.add_argument("--warmup", type=int, help=hide)
@@ -137,6 +144,12 @@ def _select_device(device: str) -> str:
     return device
 
 
+def _check_dtype(args, name: str) -> None:
+    if args.dtype not in (None, "fp32") and name not in DTYPE_KINDS:
+        raise CliError(f"bench {name}: --dtype {args.dtype} is not supported (float32 only; --dtype is taken by "
+                       f"{', '.join(DTYPE_KINDS)})")
+
+
 def _run_bench(args, name: str, module, case_kwargs: dict, *, default_reps, default_warmup, needs=("peft",),
                run_kwargs=None) -> int:
     """Shared driver of every ``bench`` kind: checks, case grid, progress bar, table, JSON + PNG."""
@@ -144,6 +157,7 @@ def _run_bench(args, name: str, module, case_kwargs: dict, *, default_reps, defa
 
     import torch
 
+    _check_dtype(args, name)
     device = _select_device(args.device)
     out = _prepare_out_dir(args.out)  # before the run: a bad --out should not cost the whole benchmark
     if args.threads:
@@ -186,10 +200,17 @@ def _run_bench(args, name: str, module, case_kwargs: dict, *, default_reps, defa
 def _bench_grouped(args) -> int:
     from lora_ops.benchmarks import grouped
 
-    return _run_bench(args, "grouped", grouped,
-                      dict(d=args.d, n_adapters=args.n, dists=args.dists, tokens=args.tokens, rank=args.rank),
+    sizing = dict(d=args.d, n_adapters=args.n, dists=args.dists, tokens=args.tokens, rank=args.rank,
+                  seq_len=args.seq_len)
+    try:
+        sweep_list = grouped.sweeps(quick=args.quick, **sizing)
+    except ValueError as e:
+        raise CliError(f"bench grouped: {e}") from None
+    # budget: a method slower than ~0.1 s a call (prefill GEMMs of the base layer on CPU) gets fewer repetitions
+    return _run_bench(args, "grouped", grouped, sizing,
                       default_reps=20 if args.quick else 40, default_warmup=3 if args.quick else 5,
-                      run_kwargs=dict(quick=args.quick))
+                      run_kwargs=dict(quick=args.quick, dtype=args.dtype or "fp32", sweep_list=sweep_list,
+                                      budget_s=2.0 if args.quick else 4.0))
 
 
 def _add_arrow_sizing(p: argparse.ArgumentParser) -> None:
@@ -313,6 +334,7 @@ def _merge(args) -> int:
 def _bench_merge_or_svd(args) -> int:
     import torch
 
+    _check_dtype(args, args.kind)
     device = _select_device(args.device)
     out = _prepare_out_dir(args.out)
     if args.threads:
@@ -379,8 +401,10 @@ def _bench_all(args) -> int:
     flags += ["--threads", str(args.threads)] if args.threads else []
     failed = []
     for kind in (k for k in BENCH_KINDS if k in _BENCH_HANDLERS):
-        print(f"=== bench {kind}", flush=True)
-        kind_args = build_parser().parse_args(["bench", kind, *flags])
+        dtype = ["--dtype", args.dtype] if args.dtype and kind in DTYPE_KINDS else []
+        note = f" ({args.dtype})" if dtype else " (fp32)" if args.dtype not in (None, "fp32") else ""
+        print(f"=== bench {kind}{note}", flush=True)
+        kind_args = build_parser().parse_args(["bench", kind, *flags, *dtype])
         try:
             kind_args.handler(kind_args)
         except CliError as e:

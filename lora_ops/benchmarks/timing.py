@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["Timing", "time_fn", "synchronized", "read_bandwidth", "OtherCpuMeter", "environment", "load_average"]
+__all__ = ["Timing", "time_fn", "synchronized", "read_bandwidth", "copy_bandwidth", "OtherCpuMeter", "environment", "load_average"]
 
 L2_FLUSH_BYTES = 256 * 1024**2
 
@@ -45,13 +45,22 @@ def time_fn(
     warmup: int = 3,
     reps: int = 20,
     flush_l2: bool = True,
+    budget_s: float | None = None,
+    min_reps: int = 5,
 ) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``reps`` timed ones (CUDA events and an L2 flush on CUDA)."""
+    """Time ``fn()``: ``warmup`` untimed calls, then ``reps`` timed ones (CUDA events and an L2 flush on CUDA).
+
+    ``budget_s`` bounds the time spent on a slow ``fn`` (e.g. a 1 s prefill GEMM on two cores): warm-up stops once
+    it has used a quarter of the budget (after at least one call), and the repetitions are cut to what the budget
+    allows at the last warm-up call's speed, but never below ``min_reps`` (nor above ``reps``). The number of
+    repetitions actually timed is in the returned ``Timing.reps``.
+    """
     if reps < 1:
         raise ValueError(f"time_fn: reps must be >= 1, got {reps}")
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
+    last = _warm_up(fn, device, warmup, budget_s)
+    if budget_s is not None and last is not None and last > 0:
+        reps = min(reps, max(min_reps, int(budget_s / last)))
     if device.type == "cuda":
         samples = _time_cuda(fn, device, reps, flush_l2)
     else:
@@ -62,6 +71,24 @@ def time_fn(
             samples.append((time.perf_counter() - start) * 1e3)
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
     return Timing(float(med), float(q3 - q1), float(min(samples)), reps, torch.get_num_threads())
+
+
+def _warm_up(fn: Callable[[], Any], device: torch.device, warmup: int, budget_s: float | None) -> float | None:
+    """Run the warm-up calls; returns the last one's seconds when a budget is set (None otherwise, or if none ran)."""
+    if budget_s is None:
+        for _ in range(warmup):
+            fn()
+        return None
+    last, began = None, time.perf_counter()
+    for _ in range(warmup):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the call's own time, not its launch
+        last = time.perf_counter() - start
+        if last + (start - began) > budget_s / 4:
+            break
+    return last
 
 
 def _time_cuda(fn: Callable[[], Any], device: torch.device, reps: int, flush_l2: bool) -> list:
@@ -142,11 +169,25 @@ def read_bandwidth(
     a shared VM the median of the same measurement varies between runs far more than the best does.
     """
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    # No L2 flush: the buffer itself is far larger than L2, so every pass already streams from memory.
-    t = time_fn(buf.sum, device=device, warmup=warmup, reps=reps, flush_l2=False)
-    nbytes = buf.numel() * 4
-    return {"gbps": nbytes / (t.min_ms * 1e-3) / 1e9, "gbps_median": nbytes / (t.median_ms * 1e-3) / 1e9,
-            "bytes": nbytes, "method": "float32 tensor .sum(), best repetition", "timing": t.as_dict()}
+    return _bandwidth(buf.sum, buf.numel() * 4, "float32 tensor .sum(), best repetition", device, warmup, reps)
+
+
+def copy_bandwidth(
+    device: str | torch.device = "cpu", *, nbytes: int = L2_FLUSH_BYTES, warmup: int = 3, reps: int = 20
+) -> dict:
+    """Measured copy bandwidth: ``dst.copy_(src)`` of ``nbytes``, counting the bytes read plus those written
+    (``2 * nbytes``), best repetition. Same keys as ``read_bandwidth``."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return _bandwidth(lambda: dst.copy_(src), 2 * src.numel() * 4,
+                      "float32 copy_ (bytes read + written), best repetition", device, warmup, reps)
+
+
+def _bandwidth(fn: Callable[[], Any], moved: int, method: str, device, warmup: int, reps: int) -> dict:
+    # No L2 flush: the buffers themselves are far larger than L2, so every pass already streams from memory.
+    t = time_fn(fn, device=device, warmup=warmup, reps=reps, flush_l2=False)
+    return {"gbps": moved / (t.min_ms * 1e-3) / 1e9, "gbps_median": moved / (t.median_ms * 1e-3) / 1e9,
+            "bytes": moved, "method": method, "timing": t.as_dict()}
 
 
 def environment(device: str | torch.device = "cpu") -> dict:
