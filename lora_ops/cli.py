@@ -31,6 +31,7 @@ __all__ = ["main"]
 BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "model", "all")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 DTYPE_KINDS = ("grouped",)  # the kinds that take --dtype other than fp32
+CPU_ONLY_KINDS = {"merge": "PEFT's merge is timed on the CPU"}  # bench all --device cuda leaves these out
 KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops",
              "arrow": "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops",
              "model": "whole Llama forward on a mixed-adapter batch: PEFT adapter_names vs accelerate / wrap",
@@ -351,7 +352,7 @@ def _bench_merge_or_svd(args) -> int:
     try:
         if args.kind == "merge":
             if device != "cpu":
-                raise CliError("bench merge: PEFT's merge is timed on the CPU; use --device cpu")
+                raise CliError(f"bench merge: {CPU_ONLY_KINDS['merge']}; use --device cpu")
             bars = []
 
             def progress(items):
@@ -401,6 +402,9 @@ def _bench_all(args) -> int:
     flags += ["--threads", str(args.threads)] if args.threads else []
     failed = []
     for kind in (k for k in BENCH_KINDS if k in _BENCH_HANDLERS):
+        if args.device != "cpu" and kind in CPU_ONLY_KINDS:
+            print(f"=== bench {kind} skipped: {CPU_ONLY_KINDS[kind]} (run it with --device cpu)", flush=True)
+            continue
         dtype = ["--dtype", args.dtype] if args.dtype and kind in DTYPE_KINDS else []
         note = f" ({args.dtype})" if dtype else " (fp32)" if args.dtype not in (None, "fp32") else ""
         print(f"=== bench {kind}{note}", flush=True)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU validation in one go, for a machine with an NVIDIA GPU, nvcc and compute-sanitizer:
 #   build the CUDA extension, run the whole test suite (CUDA tests included), run the CUDA tests under
-#   compute-sanitizer memcheck (and racecheck on the small cases), then the GPU benchmarks.
+#   compute-sanitizer memcheck (and racecheck on the small cases), then the GPU benchmarks (every kind in fp32, and
+#   the grouped grid again in bf16 and fp16).
 # Everything lands in one folder (default bench/results/gpu-<date>): logs, junit XML, benchmark JSON + PNG and a
 # summary.txt with each stage's exit status and duration. Stages keep going after a failure; the exit status is
-# non-zero if any stage failed. Budget: about 20 minutes on an H100.
+# non-zero if any stage failed. Budget: about 20 minutes on an H100 (the stage timeouts are upper bounds).
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        (PYTHON=python3.12 to pick the interpreter)
 set -uo pipefail
@@ -42,6 +43,10 @@ stage memcheck 900 compute-sanitizer --tool memcheck --error-exitcode 1 --target
 stage racecheck 600 compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all \
   $PY -m pytest -q -x -p no:cacheprovider $cuda_tests -k "small and not compile"
 stage bench 1200 $PY -m lora_ops.cli bench all --device cuda --out "$OUT"
+# The grouped grid again in the serving dtypes (bench all ran it in fp32): adds torch._grouped_mm where the GPU has
+# it (compute capability >= 9.0) and % of the memory roofline; about a minute each (building the PEFT models).
+stage bench-bf16 300 $PY -m lora_ops.cli bench grouped --device cuda --dtype bf16 --out "$OUT"
+stage bench-fp16 300 $PY -m lora_ops.cli bench grouped --device cuda --dtype fp16 --out "$OUT"
 
 echo "results in $OUT"
 cat "$SUMMARY"

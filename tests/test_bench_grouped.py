@@ -280,3 +280,12 @@ def test_bench_all_passes_dtype_to_the_kinds_that_take_it(monkeypatch, tmp_path,
     assert seen == [("grouped", "fp16"), ("train", None)]
     out = capsys.readouterr().out
     assert "=== bench grouped (fp16)" in out and "=== bench train (fp32)" in out
+
+
+def test_bench_all_on_cuda_leaves_out_the_cpu_only_kinds(monkeypatch, tmp_path, capsys):
+    from lora_ops import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_BENCH_HANDLERS", {k: (lambda args: seen.append(args.kind)) for k in ("grouped", "merge")})
+    assert cli.main(["bench", "all", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    assert seen == ["grouped"] and "bench merge skipped: PEFT's merge is timed on the CPU" in capsys.readouterr().out

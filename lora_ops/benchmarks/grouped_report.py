@@ -121,21 +121,28 @@ def _axis_values(ax, axis: str, panel: list) -> list:
     return xs
 
 
-def _speedup_panel(ax, name: str, axis: str, panel: list) -> None:
+def _method_lines(ax, axis: str, panel: list, value) -> list:
+    """One line per method through ``value(case, method)`` (None or <= 0: no point, e.g. a method not timed, or a
+    value a log axis cannot show); returns the x positions of the panel's cases."""
     xs = _axis_values(ax, axis, panel)
     for m, (_, label, color) in METHOD_STYLE.items():
-        if m == "lora_ops":
-            continue
-        pts = [(x, c["lora_ms"][m] / c["lora_ms"]["lora_ops"]) for x, c in zip(xs, panel)
-               if c["lora_ms"].get(m, 0) > 0 and c["lora_ms"].get("lora_ops", 0) > 0]
+        pts = [(x, v) for x, c in zip(xs, panel) if (v := value(c, m)) is not None and v > 0]
         if pts:
             ax.plot(*zip(*pts), marker="o", color=color, label=label)
-    ax.axhline(1.0, color="C3", lw=1, label="lora_ops.grouped_lora (= 1)")
-    ax.set_yscale("log")
+    return xs
+
+
+def _speedup_panel(ax, name: str, axis: str, panel: list) -> None:
     from matplotlib.ticker import FuncFormatter
 
-    times = FuncFormatter(lambda v, _: f"{v:g}x")
-    ax.yaxis.set_major_formatter(times)
+    def speedup(c, m):
+        ours, theirs = c["lora_ms"].get("lora_ops"), c["lora_ms"].get(m)
+        return None if m == "lora_ops" or not ours or theirs is None else theirs / ours
+
+    _method_lines(ax, axis, panel, speedup)
+    ax.axhline(1.0, color="C3", lw=1, label="lora_ops.grouped_lora (= 1)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:g}"[0] in "25" else ""))
     ax.set_ylabel("time / lora_ops time")
     ax.set_title(f"speed-up of lora_ops: {name}", fontsize=9)
@@ -143,11 +150,7 @@ def _speedup_panel(ax, name: str, axis: str, panel: list) -> None:
 
 
 def _absolute_panel(ax, name: str, axis: str, panel: list) -> None:
-    xs = _axis_values(ax, axis, panel)
-    for m, (_, label, color) in METHOD_STYLE.items():
-        pts = [(x, c["lora_ms"][m]) for x, c in zip(xs, panel) if c["lora_ms"].get(m, 0) > 0]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", color=color, label=label)
+    xs = _method_lines(ax, axis, panel, lambda c, m: c["lora_ms"].get(m))
     ax.plot(xs, [c["floor"]["ms"] for c in panel], "k--", label="memory floor")
     ax.plot(xs, [c["timings"]["base"]["median_ms"] for c in panel], ":", color="gray", label="base Linear (whole)")
     ax.set_yscale("log")
@@ -157,11 +160,7 @@ def _absolute_panel(ax, name: str, axis: str, panel: list) -> None:
 
 
 def _roofline_panel(ax, name: str, axis: str, panel: list) -> None:
-    xs = _axis_values(ax, axis, panel)
-    for m, (_, label, color) in METHOD_STYLE.items():
-        pts = [(x, c["pct_of_peak"][m]) for x, c in zip(xs, panel) if m in (c.get("pct_of_peak") or {})]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", color=color, label=label)
+    _method_lines(ax, axis, panel, lambda c, m: (c.get("pct_of_peak") or {}).get(m))
     ax.set_ylim(bottom=0)
     ax.set_ylabel("% of memory roofline")
     ax.set_title(f"bandwidth: {name}", fontsize=9)
