@@ -263,6 +263,8 @@ def test_recipe_end_to_end_and_deterministic(tmp_path, cache):
     cfg_saved = json.loads((out / "adapters" / "private" / "rev" / "adapter_config.json").read_text())
     assert cfg_saved["lora_dropout"] == 0.05 and cfg_saved["r"] == 2
     md = (out / "results.md").read_text()
+    # results.json has sorted keys: tables rendered from it keep the recipe's row order
+    assert modular.markdown(json.loads((out / "results.json").read_text())) == modular.markdown(p1) == md
     for text in ("adjusted Rand index", "Zero-shot accuracy per held-out task", "In-distribution", "top-k",
                  "Where Arrow sends the tokens"):
         assert text in md, text

@@ -389,6 +389,28 @@ def run(cfg: ModularConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir
 # ---------------------------------------------------------------------------------------------------------------
 # tables and plots
 
+def _ordered(keys, first: Sequence[str]) -> List[str]:
+    """``keys`` with those named in ``first`` first (in that order), the rest in their order. results.json is
+    written with sorted keys, so tables and plots fix their row order here, not from the dict."""
+    keys = list(keys)
+    return [k for k in first if k in keys] + [k for k in keys if k not in first]
+
+
+LIBRARY_ORDER = ("private", "MBC", "random clusters")
+
+
+def _libs(mapping) -> List[str]:
+    return _ordered(mapping, LIBRARY_ORDER)
+
+
+def _methods(p: dict) -> List[str]:
+    first = ["base", "shared LoRA (all tasks)", "oracle (best private LoRA per task)"]
+    for lib in _libs(p["libraries"]):
+        first += sorted((n for n in p["results"] if n.startswith(f"{lib}: ")),
+                        key=lambda n: (0 if "Arrow" in n else 1 if "Mu" in n else 2, n))
+    return _ordered(p["results"], first)
+
+
 def _by_family(p: dict) -> List[str]:
     """The library's tasks ordered by planted family, then name (the order of the similarity plot)."""
     return sorted(p["tasks"], key=lambda t: (p["domains"][t], t))
@@ -396,7 +418,7 @@ def _by_family(p: dict) -> List[str]:
 
 def markdown(p: dict) -> str:
     tasks, held = p["tasks"], p["held_out"]
-    names = list(p["results"])
+    names = _methods(p)
     cfg = p["config"]
     lines = ["# Towards Modular LLMs reproduction (library of LoRAs, MBC, Arrow, Mu)", "",
              f"data: {p['source']['data']}; model: {p['source']['model']}; {len(tasks)} private LoRAs (rank "
@@ -408,7 +430,8 @@ def markdown(p: dict) -> str:
     lines.append(res.markdown_table(["model", f"in-distribution ({len(tasks)} training tasks)",
                                      f"zero-shot ({len(held)} held-out tasks)", "held-out answer loss"], rows))
     lines += ["## Clusters vs the planted task families", ""]
-    for lib, L in p["libraries"].items():
+    for lib in _libs(p["libraries"]):
+        L = p["libraries"][lib]
         if L["clusters"] is None:
             continue
         lines.append(f"**{lib}** (adjusted Rand index vs planted families: {L['ari']:.3f})")
@@ -417,7 +440,7 @@ def markdown(p: dict) -> str:
         lines.append(res.markdown_table(["cluster", "tasks", "planted families"], rows))
     lines += [f"What MBC compares (ablation; the MBC library above clusters the {p['mbc']['on']}):", ""]
     rows = [[kind, v["ari"], " / ".join(", ".join(g) for g in v["clusters"])]
-            for kind, v in p["mbc"]["variants"].items()]
+            for kind, v in ((k, p["mbc"]["variants"][k]) for k in _ordered(p["mbc"]["variants"], MBC_INPUTS))]
     lines.append(res.markdown_table(["MBC input", "adjusted Rand index", "clusters"], rows))
     order = _by_family(p)
     idx = [tasks.index(t) for t in order]
@@ -432,7 +455,7 @@ def markdown(p: dict) -> str:
         lines += ["Oracle choices (best single LoRA alone, chosen on the test split): "
                   + "; ".join(f"{lib}: " + ", ".join(f"{t} → {p['oracle'][lib][t]['adapter']} "
                                                      f"({p['oracle'][lib][t]['acc']:.3f})" for t in held)
-                              for lib in p["oracle"]), ""]
+                              for lib in _libs(p["oracle"])), ""]
     lines += ["## In-distribution accuracy per training task", ""]
     rows = [[n] + [p["results"][n][t]["acc"] for t in tasks] for n in names]
     lines.append(res.markdown_table(["model"] + tasks, rows))
@@ -440,22 +463,33 @@ def markdown(p: dict) -> str:
     ks = sorted({int(k) for v in p["topk"].values() for k in v})
     headers = ["library"] + [f"k={k} in-dist / zero-shot" for k in ks]
     rows = [[lib] + [(f"{v[str(k)]['train_acc']:.3f} / {v[str(k)]['heldout_acc']:.3f}" if str(k) in v else None)
-                     for k in ks] for lib, v in p["topk"].items()]
+                     for k in ks] for lib, v in ((x, p["topk"][x]) for x in _libs(p["topk"]))]
     lines.append(res.markdown_table(headers, rows))
-    for lib, prof in p["routing_profile"].items():
+    for lib in _libs(p["routing_profile"]):
+        prof = p["routing_profile"][lib]
         experts = p["libraries"][lib]["names"]
         lines += [f"## Where Arrow sends the tokens ({lib} library, top-{min(cfg['top_k'], len(experts))}: share of "
                   "the routing weight per LoRA, over all tokens and layers)", ""]
         rows = [[t + (" (held-out)" if t in held else "")] + prof[t] for t in tasks + held if t in prof]
         lines.append(res.markdown_table(["task"] + experts, rows))
+        if lib == "private" and experts == list(tasks):
+            own = sum(prof[t][i] for i, t in enumerate(tasks) if t in prof) / max(1, len(tasks))
+            lines += [f"Mean share on a training task's own LoRA: {own:.3f} (uniform routing: {1 / len(tasks):.3f}).",
+                      ""]
     lines += ["## Each private LoRA alone (accuracy per task; the oracle picks the column maximum of each row)", ""]
     single = p["single"]["private"]
-    rows = [[t + (" (held-out)" if t in held else "")] + [single[n][t]["acc"] for n in single] for t in tasks + held]
-    lines.append(res.markdown_table(["task"] + list(single), rows))
+    cols = _ordered(single, p["libraries"]["private"]["names"])
+    rows = [[t + (" (held-out)" if t in held else "")] + [single[n][t]["acc"] for n in cols] for t in tasks + held]
+    lines.append(res.markdown_table(["task"] + cols, rows))
     lines += ["Final training loss per LoRA:", ""]
-    rows = [[tag, v.get("step"), v.get("loss")] for tag, v in p["train_final"].items()]
+    tags = sorted(p["train_final"], key=lambda t: (["private", "mbc", "random", "shared"].index(t.split("/")[0])
+                                                   if t.split("/")[0] in ("private", "mbc", "random", "shared")
+                                                   else 4, t))
+    rows = [[tag, p["train_final"][tag].get("step"), p["train_final"][tag].get("loss")] for tag in tags]
     lines.append(res.markdown_table(["LoRA", "last step", "loss"], rows))
-    rows = [[k, v] for k, v in p["stage_seconds"].items()]
+    stages = _ordered(p["stage_seconds"], ["private library"] + [f"{x} library" for x in LIBRARY_ORDER[1:]]
+                      + ["shared LoRA", "evaluation"])
+    rows = [[k, p["stage_seconds"][k]] for k in stages]
     lines += ["Time per stage (s):", "", res.markdown_table(["stage", "seconds"], rows)]
     return "\n".join(lines)
 
@@ -471,7 +505,7 @@ def write(p: dict, out: Path) -> dict:
         out / "similarity.png", f"Private LoRAs: cosine similarity (MBC ARI {p['mbc']['ari']:.2f})",
         [[sim[i][j] for j in idx] for i in idx], [f"{t} ({p['domains'][t]}, c{labels[t]})" for t in order], order,
         vmin=-1.0, vmax=1.0, cbar_label="cosine similarity")
-    names = list(p["results"])
+    names = _methods(p)
     paths["summary_png"] = res.bar_plot(
         out / "summary.png", "Modular LLMs: mean accuracy", names,
         {"in-distribution": [p["summary"][n]["train_acc"] for n in names],
@@ -483,7 +517,8 @@ def write(p: dict, out: Path) -> dict:
             {n: [p["results"][n][t]["acc"] for t in held] for n in main}, "exact-match accuracy")
     series = {}
     ks = sorted({int(k) for v in p["topk"].values() for k in v})
-    for lib, v in p["topk"].items():
+    for lib in _libs(p["topk"]):
+        v = p["topk"][lib]
         for what, key in (("zero-shot", "heldout_acc"), ("in-dist", "train_acc")):
             series[f"{lib}, {what}"] = [v[str(k)][key] if str(k) in v else float("nan") for k in ks]
     paths["topk_png"] = res.line_plot(out / "topk.png", "Arrow: accuracy vs top-k", ks, series, "k",
