@@ -215,6 +215,8 @@ def add_delta(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``result + delta`` in result's dtype; in place when no autograd graph is recorded (saves an allocation of
     the layer's whole output, measured as a sizeable share of the LoRA cost on CPU)."""
     delta = delta.to(result.dtype)
+    if torch.compiler.is_compiling():
+        return result + delta  # dynamo cannot trace the mode checks; inductor fuses the add anyway
     if torch.is_inference_mode_enabled() or not (torch.is_grad_enabled() and (result.requires_grad
                                                                               or delta.requires_grad)):
         return result.add_(delta)

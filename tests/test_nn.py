@@ -266,3 +266,45 @@ def test_multilora_linear_cuda(dtype):
         got = layer(x.to("cuda", dtype), ids.cuda()).double().cpu()
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got, want, atol=tol * max(1.0, want.abs().max().item()), rtol=tol)
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and lora_ops.cuda_built() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_multilora_linear_torch_compile(device):
+    # The serving path (ids passed to forward, check_ids=False) compiles to one graph: no breaks around the op.
+    adapters, bank = _mixed_bank()
+    base = nn.Linear(24, 20)
+    x = torch.randn(3, 5, 24)
+    ids = torch.randint(-1, 3, (3, 5))
+    with torch.no_grad():
+        want = _per_adapter_reference(x, base, adapters, ids)
+        layer = MultiLoRALinear(base, bank, check_ids=False).to(device)
+        compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+        got = compiled(x.to(device), ids.to(device)).double().cpu()
+    torch.testing.assert_close(got, want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and lora_ops.cuda_built()), reason="needs a GPU and CUDA kernels")
+def test_multilora_linear_cuda_graph():
+    # Captured once, replayed with new ids and inputs copied into the static buffers (the decode-loop pattern).
+    adapters, bank = _mixed_bank()
+    base = nn.Linear(24, 20)
+    layer = MultiLoRALinear(base, bank, check_ids=False).cuda()
+    x_static, ids_static = torch.zeros(4, 24, device="cuda"), torch.zeros(4, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        layer(x_static, ids_static)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_static = layer(x_static, ids_static)
+        for _ in range(2):
+            x, ids = torch.randn(4, 24), torch.randint(-1, 3, (4,))
+            x_static.copy_(x)
+            ids_static.copy_(ids)
+            graph.replay()
+            want = _per_adapter_reference(x, base, adapters, ids)
+            torch.testing.assert_close(out_static.double().cpu(), want, atol=1e-4 * max(1.0, want.abs().max().item()),
+                                       rtol=1e-4)
