@@ -252,42 +252,33 @@ def test_bank_new_peft_like_init():
     assert AdapterBank.new(layer, ["x"], rank=4, alpha=8, use_rslora=True).scales.item() == pytest.approx(4.0)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and lora_ops.cuda_built()), reason="needs a GPU and CUDA kernels")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_multilora_linear_cuda(dtype):
+_CUDA = torch.cuda.is_available() and lora_ops.cuda_built()
+
+
+@pytest.mark.parametrize("device,dtype,compiled", [
+    pytest.param("cuda", torch.float32, False, marks=pytest.mark.cuda),
+    pytest.param("cuda", torch.bfloat16, False, marks=pytest.mark.cuda),
+    ("cpu", torch.float32, True),  # the serving path (check_ids=False) compiles to one graph, no breaks
+    pytest.param("cuda", torch.float32, True, marks=pytest.mark.cuda),
+])
+def test_multilora_linear_device_and_compile(device, dtype, compiled):
+    if device == "cuda" and not _CUDA:
+        pytest.skip("needs a GPU and CUDA kernels")
     adapters, bank = _mixed_bank()
     base = nn.Linear(24, 20)
     x = torch.randn(3, 5, 24)
     ids = torch.randint(-1, 3, (3, 5))
     with torch.no_grad():
         want = _per_adapter_reference(x, base, adapters, ids)
-        layer = MultiLoRALinear(base, bank).to("cuda", dtype)
-        got = layer(x.to("cuda", dtype), ids.cuda()).double().cpu()
+        layer = MultiLoRALinear(base, bank, check_ids=not compiled).to(device, dtype)
+        fn = torch.compile(layer, fullgraph=True, backend="inductor") if compiled else layer
+        got = fn(x.to(device, dtype), ids.to(device)).double().cpu()
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got, want, atol=tol * max(1.0, want.abs().max().item()), rtol=tol)
 
 
-_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and lora_ops.cuda_built() else [])
-
-
-@pytest.mark.parametrize("device", _DEVICES)
-def test_multilora_linear_torch_compile(device):
-    # The serving path (ids passed to forward, check_ids=False) compiles to one graph: no breaks around the op.
-    adapters, bank = _mixed_bank()
-    base = nn.Linear(24, 20)
-    x = torch.randn(3, 5, 24)
-    ids = torch.randint(-1, 3, (3, 5))
-    with torch.no_grad():
-        want = _per_adapter_reference(x, base, adapters, ids)
-        layer = MultiLoRALinear(base, bank, check_ids=False).to(device)
-        compiled = torch.compile(layer, fullgraph=True, backend="inductor")
-        got = compiled(x.to(device), ids.to(device)).double().cpu()
-    torch.testing.assert_close(got, want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=1e-4)
-
-
 @pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and lora_ops.cuda_built()), reason="needs a GPU and CUDA kernels")
+@pytest.mark.skipif(not _CUDA, reason="needs a GPU and CUDA kernels")
 def test_multilora_linear_cuda_graph():
     # Captured once, replayed with new ids and inputs copied into the static buffers (the decode-loop pattern).
     adapters, bank = _mixed_bank()
