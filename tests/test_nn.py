@@ -7,6 +7,7 @@ from torch import nn
 import lora_ops
 from lora_ops import reference
 from lora_ops.nn import AdapterBank, MultiLoRALinear, adapter_ids, set_adapter_ids, wrap
+from tests.conftest import DEVICES
 
 transformers = pytest.importorskip("transformers")
 
@@ -252,9 +253,6 @@ def test_bank_new_peft_like_init():
     assert AdapterBank.new(layer, ["x"], rank=4, alpha=8, use_rslora=True).scales.item() == pytest.approx(4.0)
 
 
-_CUDA = torch.cuda.is_available() and lora_ops.cuda_built()
-
-
 @pytest.mark.parametrize("device,dtype,compiled", [
     pytest.param("cuda", torch.float32, False, marks=pytest.mark.cuda),
     pytest.param("cuda", torch.bfloat16, False, marks=pytest.mark.cuda),
@@ -262,7 +260,7 @@ _CUDA = torch.cuda.is_available() and lora_ops.cuda_built()
     pytest.param("cuda", torch.float32, True, marks=pytest.mark.cuda),
 ])
 def test_multilora_linear_device_and_compile(device, dtype, compiled):
-    if device == "cuda" and not _CUDA:
+    if device not in DEVICES:
         pytest.skip("needs a GPU and CUDA kernels")
     adapters, bank = _mixed_bank()
     base = nn.Linear(24, 20)
@@ -278,7 +276,7 @@ def test_multilora_linear_device_and_compile(device, dtype, compiled):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not _CUDA, reason="needs a GPU and CUDA kernels")
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and CUDA kernels")
 def test_multilora_linear_cuda_graph():
     # Captured once, replayed with new ids and inputs copied into the static buffers (the decode-loop pattern).
     adapters, bank = _mixed_bank()
