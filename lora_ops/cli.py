@@ -9,6 +9,7 @@
     lora-ops merge ADAPTER_DIR... [--method svd] [--weights W...] [--rank R] --out DIR
 
     lora-ops reproduce ilora|seeded-lora|moa|modular [--quick] [--data DIR] [--model DIR] [--out DIR]
+    lora-ops train CONFIG [--resume] [--no-progress] [--threads N] [--device cpu|cuda]   (also under torchrun)
 
 ``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, model, all). Further top-level
 commands (``merge``, ``reproduce``) get their own sub-parser next to
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--size", type=_positive_int, default=512, help=argparse.SUPPRESS)
     _add_merge_command(commands)
     _add_reproduce(commands)
+    _add_train_command(commands)
     return parser
 
 
@@ -482,6 +484,57 @@ def _reproduce(args) -> int:
     if rank() == 0:
         print(recipe.markdown(payload))
         print(f"wrote {os.path.join(out, 'results.json')}, results.md and plots")
+    return 0
+
+
+# --- train: many adapters in one job (lora_ops.train) ----------------------------------------------------------
+
+def _add_train_command(commands) -> None:
+    p = commands.add_parser("train", help="train many LoRA adapters in one job; one PEFT folder per adapter",
+                            description="Train every adapter of CONFIG (YAML or JSON; schema in the README) at once "
+                                        "on a shared frozen base; writes <out>/<name>/ PEFT folders, "
+                                        "train_log.jsonl and checkpoints. Runs unchanged under torchrun "
+                                        "(parallel: ddp | fsdp in the config).")
+    p.add_argument("config", metavar="CONFIG", help="the job's YAML (.yaml/.yml) or JSON file")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint if there is one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available and built, else cpu")
+    p.set_defaults(handler=_train)
+
+
+def _train(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise CliError(f"train needs the 'peft' extras ({e.name} is missing): pip install 'lora_ops[peft]'") \
+            from None
+    from lora_ops import train
+    from lora_ops.recipes.train import rank
+
+    try:
+        cfg = train.load_config(args.config)
+        summary = train.train(cfg, resume=args.resume, progress=not args.no_progress, device=args.device)
+        main_process = rank() == 0
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(f"train: {e}") from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if main_process:
+        losses = " ".join(f"{n}={v:.4f}" for n, v in summary["loss"].items())
+        print(f"trained {len(summary['adapters'])} adapters for {summary['steps']} steps "
+              f"({summary['time_s']:.1f} s); last loss {losses}")
+        for name, path in summary["adapters"].items():
+            print(f"  {name}: {path}")
+        print(f"  log: {summary['log']}")
     return 0
 
 
