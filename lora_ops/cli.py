@@ -533,8 +533,9 @@ def _train(args) -> int:
             dist.destroy_process_group()
     if main_process:
         losses = " ".join(f"{n}={v:.4f}" for n, v in summary["loss"].items())
+        where = f", {summary['world']} processes ({summary['parallel']})" if summary["world"] > 1 else ""
         print(f"trained {len(summary['adapters'])} adapters for {summary['steps']} steps "
-              f"({summary['time_s']:.1f} s); last loss {losses}")
+              f"({summary['time_s']:.1f} s{where}); last loss {losses}")
         for name, path in summary["adapters"].items():
             print(f"  {name}: {path}")
         print(f"  log: {summary['log']}")

@@ -21,7 +21,7 @@ banks, their gradients, the optimizer state and the loss are always float32 (``M
 path in the bank's dtype and adds the delta in the base output's dtype). Gradients are reduced in float32.
 
 Outputs under ``out``: one PEFT adapter folder per adapter (``<out>/<name>/``), ``train_log.jsonl`` (one line per
-logged step, per-adapter loss and gradient norm), ``checkpoint/`` (written atomically; ``--resume`` continues from
+logged step, per-adapter loss and gradient norm), ``run.json`` (the run's summary), ``checkpoint/`` (written atomically; ``--resume`` continues from
 it and gives the same adapters as an uninterrupted run).
 """
 
@@ -50,6 +50,7 @@ __all__ = ["AdapterSpec", "JobConfig", "load_config", "parse_config", "AdapterAd
 
 CHECKPOINT = "checkpoint"
 LOG_FILE = "train_log.jsonl"
+RUN_FILE = "run.json"  # the last run's summary (steps, processes, tokens, time, final losses)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARALLEL = ("ddp", "fsdp")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -685,6 +686,15 @@ def train(cfg: Union[JobConfig, Mapping[str, Any], str, os.PathLike], *, resume:
         bar.close()
     for layer in layers:
         layer.set_adapter_ids(None)
+    elapsed = time.perf_counter() - t0
+    total = torch.tensor([float(tokens)], device=dev)
+    if w > 1:
+        dist.all_reduce(total)
+    sharded = any(_sharded(p) for p in params)
     paths = _save_adapters(cfg, banks)
-    return {"adapters": paths, "log": str(log_path), "loss": last, "steps": cfg.steps, "start": start,
-            "tokens": tokens, "time_s": time.perf_counter() - t0, "world": w, "banks": banks, "model": model}
+    summary = {"adapters": paths, "log": str(log_path), "loss": last, "steps": cfg.steps, "start": start,
+               "tokens": int(total.item()), "time_s": elapsed, "world": w,
+               "parallel": cfg.parallel if w > 1 else "none", "banks_sharded": sharded, "device": str(dev.type)}
+    if r == 0:
+        _io.atomic_write_json(out / RUN_FILE, summary)
+    return {**summary, "banks": banks, "model": model}

@@ -90,6 +90,15 @@ def test_log_and_config_formats(setup, tmp_path):
     assert meta["step"] == 3
 
 
+def test_bf16_base_keeps_float32_adapters(setup, tmp_path):
+    summary = job.train(write_config(setup, tmp_path / "run", steps=2, base_dtype="bfloat16"), progress=False)
+    layer = next(m for m in summary["model"].modules() if hasattr(m, "bank"))
+    assert layer.base.weight.dtype == torch.bfloat16 and layer.bank.lora_a.dtype == torch.float32
+    state = _adapter_tensors(summary["adapters"]["add3"], "")
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["loss"].values())
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["adapters"].append(dict(c["adapters"][0])), "used twice"),
     (lambda c: c["adapters"][1].update(data="missing.jsonl"), "does not exist"),
