@@ -132,7 +132,7 @@ def parse_config(raw: Mapping[str, Any], root: Union[str, os.PathLike, None] = N
     if missing:
         raise ValueError(f"config: missing required key(s) {missing}")
     root = Path(root) if root is not None else Path.cwd()
-    resolve = lambda p: str(p if Path(p).is_absolute() else root / p)  # noqa: E731
+    resolve = lambda p: os.path.normpath(p if Path(p).is_absolute() else root / p)  # noqa: E731
 
     adapters_raw = raw["adapters"]
     if not isinstance(adapters_raw, list) or not adapters_raw:

@@ -182,3 +182,23 @@ def test_adapter_adamw_matches_torch_adamw_for_one_adapter():
         torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_([p2], 0.5).reshape(1))
         ref.step()
         torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7)
+
+
+def test_readme_example_config_trains(tmp_path):
+    """examples/train_many: make_tiny_base.py + config.yaml (a shortened run into a temporary folder)."""
+    import importlib.util
+
+    import yaml
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "train_many"
+    spec = importlib.util.spec_from_file_location("make_tiny_base", folder / "make_tiny_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(tmp_path / "tiny-base")])
+    raw = yaml.safe_load((folder / "config.yaml").read_text())
+    raw.update(base=str(tmp_path / "tiny-base"), out=str(tmp_path / "out"), steps=2)
+    summary = job.train(job.parse_config(raw, folder), progress=False)
+    for name in ("upper", "reverse", "count"):
+        assert peft.PeftConfig.from_pretrained(summary["adapters"][name]).base_model_name_or_path
+    count = peft.PeftConfig.from_pretrained(summary["adapters"]["count"])
+    assert all(".layers.1." in m for m in count.target_modules)
