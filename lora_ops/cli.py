@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reproduce(commands)
     _add_train_command(commands)
     _add_assets(commands)
+    _add_eval(commands)
     return parser
 
 
@@ -599,6 +600,94 @@ def _assets_status(args) -> int:
           + (f" (sha256 {next(iter(model['weights'].values()))[:12]}…, {model['parameters']:,} parameters)"
              if model else ""))
     print(f"tasks:  {len(st['tasks'])} extracted in {st['tasks_dir']}")
+    return 0
+
+
+def _add_eval(commands) -> None:
+    p = commands.add_parser("eval", help="accuracy of a model (+ PEFT adapter) on a BIG-bench multiple-choice task",
+                            description="Multiple-choice accuracy (BIG-bench multiple_choice_grade: the choice with "
+                                        "the highest log-likelihood given the prompt, not length-normalised unless "
+                                        "--normalize tokens) with its binomial standard error.")
+    p.add_argument("--task", required=True, metavar="bigbench:NAME|PATH",
+                   help="a BIG-bench task (bigbench:NAME or bigbench:NAME:SUBTASK, extracted on first use) or a "
+                        "task.json in BIG-bench's format (examples with input and target_scores)")
+    p.add_argument("--model", metavar="DIR", help="local causal LM folder (default: the fetched SmolLM2-135M)")
+    p.add_argument("--adapter", metavar="PEFT_DIR", help="a PEFT LoRA adapter folder applied to the model")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="score N examples drawn with --seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample and of the choice order shown "
+                                                       "in the prompt (default 0)")
+    p.add_argument("--normalize", choices=("none", "tokens"), default="none",
+                   help="none: sum of the choice's token log-probs (default); tokens: mean per token")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="examples per forward pass")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads")
+    p.add_argument("--cache-dir", metavar="DIR", help="asset cache folder (see lora-ops assets)")
+    p.add_argument("--json", action="store_true", help="last line: a JSON object with accuracy, se and n")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args) -> int:
+    import json
+    import random
+    import time
+
+    import torch
+
+    from lora_ops.recipes import assets, bigbench
+
+    try:
+        assets.require("transformers", "safetensors", what="lora-ops eval")
+        if args.adapter:
+            assets.require("peft", what="lora-ops eval --adapter")
+        if args.task.startswith("bigbench:"):
+            name = args.task[len("bigbench:"):]
+            path = assets.extract_tasks([name], args.cache_dir, progress=not args.no_progress)[name]
+        else:
+            path = args.task if not os.path.isdir(args.task) else os.path.join(args.task, "task.json")
+            name = None
+        model_dir = args.model or str(assets.model_dir(args.cache_dir))
+        if not os.path.isdir(model_dir):
+            raise CliError(f"--model {model_dir}: not a folder" if args.model else
+                           "no model given and none fetched: run `lora-ops assets fetch` or pass --model DIR")
+        if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+            raise CliError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        examples = bigbench.read_task(path, name=name, seed=args.seed)
+    except assets.AssetError as e:
+        raise CliError(f"eval: {e}", code=1) from None
+    except ValueError as e:
+        raise CliError(f"--task {args.task}: {e}") from None
+    if args.limit and args.limit < len(examples):
+        examples = random.Random(args.seed).sample(examples, args.limit)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lora_ops.recipes.eval import evaluate_choices
+    from lora_ops.recipes.model import load_model
+
+    model, tok = load_model(model_dir)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(examples), desc=f"eval {examples[0].task}", unit="ex", file=sys.stderr)
+    start = time.time()
+    try:
+        res = evaluate_choices(model, tok, examples, batch_size=args.batch_size, normalize=args.normalize,
+                               progress=(lambda n: bar.update(n - bar.n)) if bar else None)[examples[0].task]
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.time() - start
+    chance = sum(1 / len(e.choices) for e in examples) / len(examples)
+    print(f"{examples[0].task}: accuracy {res['acc']:.3f} ± {res['se']:.3f} (binomial s.e.) on {res['n']} examples; "
+          f"chance {chance:.3f}; {seconds:.0f} s")
+    if args.json:
+        print(json.dumps({"task": examples[0].task, "accuracy": res["acc"], "se": res["se"], "n": res["n"],
+                          "chance": chance, "normalize": args.normalize, "model": model_dir,
+                          "adapter": args.adapter, "seed": args.seed, "seconds": round(seconds, 1)}))
     return 0
 
 

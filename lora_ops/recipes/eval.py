@@ -1,5 +1,8 @@
 """Evaluation: greedy exact-match accuracy and answer LM loss per task, and LM loss on general text.
 
+Multiple-choice tasks (rows with ``choices``) are scored by :func:`evaluate_choices`, as BIG-bench's
+``multiple_choice_grade``: the predicted choice is the one with the highest log-likelihood given the prompt.
+
 Exact match of greedy decoding is computed from one teacher-forced pass: greedy decoding produces the answer tokens
 followed by end-of-text if and only if, at every answer position, the arg-max of the logits given the correct
 prefix is the correct next token (each greedy step sees exactly that prefix as long as all earlier steps were
@@ -9,15 +12,17 @@ right). This is the same number as generating, at the cost of a single forward p
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from lora_ops.recipes.data import SEP, Example
-from lora_ops.recipes.train import collate, encode_example, encode_text, token_ce
+from lora_ops.recipes.train import collate, encode_example, encode_text, prompt_ids, token_ce
 
-__all__ = ["greedy", "evaluate", "general_loss", "mean_accuracy"]
+__all__ = ["greedy", "evaluate", "general_loss", "mean_accuracy", "choice_logprobs", "evaluate_choices"]
 
 
 @torch.no_grad()
@@ -97,3 +102,93 @@ def general_loss(model, tok, texts: Sequence[str], *, batch_size: int = 64, max_
 
 def mean_accuracy(result: Dict[str, dict], tasks: Sequence[str]) -> float:
     return sum(result[t]["acc"] for t in tasks) / max(1, len(tasks))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multiple choice
+
+@torch.no_grad()
+def choice_logprobs(model, tok, examples: Sequence[Example], *, batch_size: int = 8, max_len: int = 1024
+                    ) -> List[List[Tuple[float, int]]]:
+    """``[[(log p(choice + end-of-text | prompt), token count) for each choice] for each example]``.
+
+    The prompt is read once per example: a batch of prompts (left padded) runs with the KV cache on, the cache
+    rows are repeated once per choice, and all choices of the batch run in one second pass on top of it. A choice
+    is its tokens followed by end-of-text, so a choice that is a prefix of another does not win for free. Prompts
+    longer than ``max_len`` minus the longest choice lose their start.
+    """
+    model.eval()
+    # transformers renamed the cache argument (past_key_values -> cache); logits_to_keep skips the LM head on
+    # the prompt's positions but the last
+    params = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward)
+    cache_kw = "cache" if "cache" in params.parameters else "past_key_values"
+    kw_last = {"logits_to_keep": 1} if "logits_to_keep" in params.parameters else {}
+    out: List[List[Tuple[float, int]]] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        conts = [[tok.encode(c) + [tok.eos_id] for c in e.choices] for e in chunk]
+        if any(len(c) < 2 for c in conts):
+            raise ValueError("choice_logprobs: every example needs at least 2 choices")
+        prompts = [prompt_ids(tok, e.prompt)[-max(1, max_len - max(len(x) for x in c)):]
+                   for e, c in zip(chunk, conts)]
+        lp = max(len(p) for p in prompts)
+        ids = torch.full((len(chunk), lp), tok.pad_id, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, lp - len(p):] = torch.tensor(p)
+            att[i, lp - len(p):] = 1
+        first = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0),
+                      use_cache=True, **kw_last)
+        last = first.logits[:, -1].float().log_softmax(-1)  # [E, V]: the first token of every choice
+        owner = [i for i, c in enumerate(conts) for _ in c]
+        rows = [x for c in conts for x in c]
+        lc = max(len(r) for r in rows)
+        cids = torch.full((len(rows), lc), tok.pad_id, dtype=torch.long)
+        cmask = torch.zeros_like(cids)
+        for j, r in enumerate(rows):
+            cids[j, :len(r)] = torch.tensor(r)
+            cmask[j, :len(r)] = 1
+        idx = torch.tensor(owner)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        cache.batch_select_indices(idx)  # one cache row per choice (rows repeat)
+        pos = att.sum(-1)[idx, None] + torch.arange(lc)
+        logits = model(input_ids=cids, attention_mask=torch.cat([att[idx], cmask], 1), position_ids=pos,
+                       **{cache_kw: cache}).logits.float().log_softmax(-1)
+        token_lp = torch.cat([last[idx].gather(1, cids[:, :1]), logits[:, :-1].gather(2, cids[:, 1:, None])[..., 0]],
+                             1) * cmask
+        totals = token_lp.sum(1).tolist()
+        k = 0
+        for c in conts:
+            out.append([(totals[k + j], len(c[j])) for j in range(len(c))])
+            k += len(c)
+    return out
+
+
+def evaluate_choices(model, tok, examples: Sequence[Example], *, batch_size: int = 8, max_len: int = 1024,
+                     normalize: str = "none", progress=None) -> Dict[str, dict]:
+    """``{task: {"acc", "se", "n"}}`` of multiple-choice examples: the predicted choice has the highest
+    log-likelihood (``normalize="none"``, BIG-bench's multiple_choice_grade) or the highest mean log-likelihood per
+    token (``"tokens"``); ``se`` is the binomial standard error ``sqrt(acc (1 - acc) / n)``.
+
+    ``progress(n_done)`` is called after each batch.
+    """
+    if normalize not in ("none", "tokens"):
+        raise ValueError(f"normalize must be 'none' or 'tokens', got {normalize!r}")
+    missing = [e for e in examples if e.answer not in e.choices]
+    if missing:
+        raise ValueError(f"evaluate_choices: an example of task {missing[0].task!r} has no choices containing its "
+                         "answer")
+    hits: Dict[str, List[int]] = defaultdict(list)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        for e, scored in zip(chunk, choice_logprobs(model, tok, chunk, batch_size=batch_size, max_len=max_len)):
+            values = [lp / n if normalize == "tokens" else lp for lp, n in scored]
+            best = max(range(len(values)), key=values.__getitem__)  # ties: the first listed choice
+            hits[e.task].append(int(e.choices[best] == e.answer))
+        if progress is not None:
+            progress(min(start + batch_size, len(examples)))
+    result = {}
+    for task, h in sorted(hits.items()):
+        acc = sum(h) / len(h)
+        result[task] = {"acc": acc, "se": math.sqrt(acc * (1 - acc) / len(h)), "n": len(h)}
+    return result

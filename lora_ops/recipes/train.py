@@ -28,7 +28,7 @@ from lora_ops.recipes.data import SEP, Example
 
 __all__ = ["TrainConfig", "LoRAConfig", "fit", "lm_loss", "encode_text", "encode_example", "collate",
            "add_lora", "lora_state_dict", "save_lora", "train_lora", "rank", "world", "barrier",
-           "init_distributed", "token_ce", "lr_factor"]
+           "init_distributed", "token_ce", "lr_factor", "prompt_ids"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,9 +66,20 @@ def encode_text(tok, text: str, max_len: int) -> dict:
     return {"ids": ids, "loss": [0] + [1] * (len(ids) - 1)}
 
 
+def prompt_ids(tok, prompt: str) -> List[int]:
+    """The ids a model reads before an answer: a chat model's template (the prompt as the user's turn, then the
+    assistant's turn opened), else ``prompt + SEP`` (the synthetic testbed's format)."""
+    chat = getattr(tok, "tok", None)  # HFTokenizer wraps a transformers tokenizer
+    if chat is not None and getattr(chat, "chat_template", None):
+        ids = chat.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+        return list(ids)
+    return tok.encode(prompt + SEP)
+
+
 def encode_example(tok, ex: Example, max_len: int) -> dict:
     """A task row: only the answer and the closing end-of-text are predicted; long prompts lose their start."""
-    prompt = tok.encode(ex.prompt + SEP)
+    prompt = prompt_ids(tok, ex.prompt)
     answer = tok.encode(ex.answer) + [tok.eos_id]
     prompt = prompt[-max(1, max_len - len(answer)):]
     ids = (prompt + answer)[:max_len]
