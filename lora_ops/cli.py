@@ -292,7 +292,20 @@ def _add_merge_command(commands) -> None:
     p.set_defaults(handler=_merge)
 
 
+def _require_extra(what: str, extra: str, *modules: str) -> None:
+    """A CliError naming the extra to install when one of ``modules`` cannot be imported."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise CliError(f"{what} needs the '{extra}' extra ({name} is missing): pip install 'lora_ops[{extra}]'") \
+                from None
+
+
 def _merge(args) -> int:
+    _require_extra("merge", "peft", "safetensors", "tqdm")
     from lora_ops._io import write_peft_adapter_dir
     from lora_ops.merge import merge_peft_adapters
 
@@ -467,12 +480,7 @@ def _reproduce(args) -> int:
         if path and not os.path.isdir(path):
             raise CliError(f"{opt} {path}: not a folder")
     out = _prepare_out_dir(args.out or os.path.join("results", args.recipe))
-    try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise CliError(f"reproduce needs the 'bench' extras ({e.name} is missing): pip install 'lora_ops[bench]'") \
-            from None
+    _require_extra("reproduce", "bench", "peft", "transformers", "matplotlib", "tqdm")
     import importlib
 
     recipe = importlib.import_module(f"lora_ops.recipes.{_RECIPE_MODULES[args.recipe]}")

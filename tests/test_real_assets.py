@@ -100,3 +100,24 @@ def test_choice_logprobs_batched_equals_one_at_a_time():
         assert [s for s, _ in scored] == pytest.approx(_naive(model, tok, ex), abs=1e-4)
     res = evaluate_choices(model, tok, exs, batch_size=3)["t"]
     assert res["n"] == 7 and res["se"] == pytest.approx(math.sqrt(res["acc"] * (1 - res["acc"]) / 7))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# extras: a missing optional dependency names the extra to install
+
+@pytest.mark.parametrize("argv, module, extra", [
+    (["reproduce", "ilora", "--quick"], "matplotlib", "bench"),
+    (["eval", "--task", "nothing.json"], "safetensors", "real"),
+    (["assets", "fetch"], "gguf", "real"),  # before any download
+])
+def test_missing_extra_is_named(monkeypatch, tmp_path, capsys, argv, module, extra):
+    from lora_ops import cli
+
+    monkeypatch.setenv("LORA_OPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    if argv[0] == "reproduce":
+        argv = argv + ["--out", str(tmp_path / "out")]
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err
+    assert f"lora_ops[{extra}]" in err and module in err and "Traceback" not in err
+    assert not (tmp_path / "cache" / "models").exists()  # nothing half-made
