@@ -5,12 +5,19 @@ Importing the package loads the compiled library, which registers the ops under 
 
 import torch  # noqa: F401  (loads libtorch, which the compiled library links against)
 
-from lora_ops import _C  # noqa: F401  (registers torch.ops.lora_ops.*)
-from lora_ops.ops import arrow_prototypes, arrow_route, grouped_lora, merge_lowrank, randomized_svd
+from lora_ops._variant import BASE_VERSION, check_installed_torch
+
+check_installed_torch()  # under another torch, loading _C would fail with an undefined-symbol error
+
+from lora_ops import _C  # noqa: E402,F401  (registers torch.ops.lora_ops.*)
+from lora_ops.ops import arrow_prototypes, arrow_route, grouped_lora, merge_lowrank, randomized_svd  # noqa: E402
 
 __all__ = ["grouped_lora", "merge_lowrank", "randomized_svd", "arrow_prototypes", "arrow_route", "cuda_built",
            "__version__"]
-__version__ = "0.1.0"
+try:
+    from lora_ops._build_info import VERSION as __version__  # a wheel's version carries its torch/backend label
+except ImportError:
+    __version__ = BASE_VERSION
 
 
 def cuda_built() -> bool:
