@@ -303,11 +303,12 @@ def _progress_bar(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr)
 
 
-def extract_tasks(names: Sequence[str], cache=None, *, progress: bool = True) -> Dict[str, Path]:
+def extract_tasks(names: Sequence[str], cache=None, *, sdist=None, progress: bool = True) -> Dict[str, Path]:
     """``{name: task.json path}`` for BIG-bench tasks ``names``, extracted from the sdist if not yet there.
 
     One pass over the tarball extracts every missing task (about 20 s) and records the names of all tasks in
-    ``index.json``, so later unknown names are reported without reading it again.
+    ``index.json``, so later unknown names are reported without reading it again. ``sdist`` names a local copy of
+    the tarball (used as it is, unchecked) instead of the downloaded one.
     """
     names = list(dict.fromkeys(names))
     bad = [n for n in names if not n or n.startswith(("/", ".")) or ".." in n or "\\" in n]
@@ -320,7 +321,7 @@ def extract_tasks(names: Sequence[str], cache=None, *, progress: bool = True) ->
         raise AssetError(_unknown_tasks(unknown, known))
     missing = [n for n in names if not task_file(n, cache).is_file()]
     if missing:
-        sdist = download(TASKS_PACKAGE, cache, progress=progress)
+        sdist = Path(sdist) if sdist else download(TASKS_PACKAGE, cache, progress=progress)
         wanted = {TASK_ROOT + n.replace(":", "/") + "/task.json": n for n in missing}
         found, all_tasks = {}, []
         _say(progress, f"extracting {len(missing)} task(s) from {sdist.name}")

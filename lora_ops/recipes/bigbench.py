@@ -99,11 +99,12 @@ def split_task(examples: Sequence[Example], seed: int, n_train: int, n_valid: in
 
 
 def build_suite(cache=None, *, seed: int = 0, n_train: int = 256, n_valid: int = 32, n_test: int = 100,
-                out_dir=None, progress: bool = True) -> Path:
+                out_dir=None, sdist=None, progress: bool = True) -> Path:
     """The suite as a recipes data folder (``train/valid/test.jsonl``, ``suite.json``), built once per settings.
 
     Held-out tasks appear only in ``test.jsonl``. The folder goes to ``out_dir`` or into the cache, named after a
-    hash of the settings; it is written atomically.
+    hash of the settings; it is written atomically. ``sdist``: a local copy of the BIG-bench tarball (see
+    ``assets.extract_tasks``).
     """
     from lora_ops._io import atomic_write_dir, atomic_write_json
     from lora_ops.recipes import assets
@@ -114,7 +115,7 @@ def build_suite(cache=None, *, seed: int = 0, n_train: int = 256, n_valid: int =
     folder = Path(out_dir) if out_dir else assets.cache_dir(cache) / "data" / f"bigbench-suite-{key}"
     if (folder / "suite.json").is_file():
         return folder
-    files = assets.extract_tasks(suite_tasks(), cache, progress=progress)
+    files = assets.extract_tasks(suite_tasks(), cache, sdist=sdist, progress=progress)
     train, valid, test = [], [], []
     for task, domain in {**SUITE, **HELD_OUT}.items():
         rows = read_task(files[task], name=task, domain=domain, seed=seed)
