@@ -4,6 +4,7 @@
     lora-ops bench arrow [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench model [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench train [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+    lora-ops bench train-many [--quick] [--model DIR] [--out DIR] [--threads N]
     lora-ops bench merge [--quick] | lora-ops bench svd [--quick] [--device cpu|cuda]
     lora-ops bench all [--quick] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--out DIR]
     lora-ops merge ADAPTER_DIR... [--method svd] [--weights W...] [--rank R] --out DIR
@@ -31,7 +32,8 @@ from typing import Optional, Sequence
 
 __all__ = ["main"]
 
-BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "model", "all")
+BENCH_KINDS = ("grouped", "merge", "svd", "arrow", "train", "model", "train-many", "all")
+NOT_IN_ALL = {"train-many": "whole training jobs (minutes even with --quick)"}  # bench all leaves these out
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 DTYPE_KINDS = ("grouped",)  # the kinds that take --dtype other than fp32
 CPU_ONLY_KINDS = {"merge": "PEFT's merge is timed on the CPU"}  # bench all --device cuda leaves these out
@@ -41,6 +43,7 @@ KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch comp
              "merge": "PEFT add_weighted_adapter(svd) vs lora_ops merge_lowrank (one layer, tiny Llama)",
              "svd": "lora_ops.randomized_svd vs torch.svd_lowrank on a batch of matrices",
              "train": "training step (fwd + bwd) of one layer with many adapters: torch composites and lora_ops",
+             "train-many": "lora-ops train (N adapters, one job; DDP 1 vs 2 processes) vs N sequential PEFT jobs",
              "all": "every implemented kind in turn (with --quick: a few minutes)"}
 
 
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_arrow_sizing(p)
         if kind == "train":
             _add_train_sizing(p)
+        if kind == "train-many":
+            _add_train_many_sizing(p)
         if kind in ("merge", "svd"):
             p.add_argument("--reps", type=_positive_int, help=argparse.SUPPRESS)
         if kind == "svd":
@@ -415,12 +420,47 @@ def _bench_train(args) -> int:
                       needs=("matplotlib",), run_kwargs=dict(quick=args.quick))
 
 
+def _batch(text: str) -> tuple:
+    try:
+        rows, seq = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxSEQ such as 2x64, got {text!r}") from None
+    return rows, seq
+
+
+def _add_train_many_sizing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="local causal LM folder as the base (default: a random Llama of "
+                                                  "SmolLM2-135M's shape)")
+    hide = argparse.SUPPRESS  # testing knobs
+    p.add_argument("--layers", type=_positive_int, help=hide)
+    p.add_argument("--n", type=_positive_int, nargs="+", help=hide)
+    p.add_argument("--batches", type=_batch, nargs="+", help=hide)
+    p.add_argument("--no-ddp", action="store_true", help=hide)
+    p.add_argument("--reps", type=_positive_int, help=hide)
+    p.add_argument("--warmup", type=int, help=hide)
+
+
+def _bench_train_many(args) -> int:
+    from lora_ops.benchmarks import train_many
+
+    if args.model and not os.path.isdir(args.model):
+        raise CliError(f"--model {args.model}: not a folder")
+    return _run_bench(args, "train-many", train_many,
+                      dict(n_adapters=args.n, batches=args.batches, ddp=not args.no_ddp),
+                      default_reps=2 if args.quick else 4, default_warmup=1,
+                      needs=("peft", "transformers", "matplotlib"),
+                      run_kwargs=dict(model_dir=args.model, layers=args.layers, quick=args.quick))
+
+
 def _bench_all(args) -> int:
     """Every implemented kind in turn, each with its published (or --quick) case grid; exit 1 if any failed."""
     flags = ["--device", args.device, "--out", args.out] + (["--quick"] if args.quick else [])
     flags += ["--threads", str(args.threads)] if args.threads else []
     failed = []
     for kind in (k for k in BENCH_KINDS if k in _BENCH_HANDLERS):
+        if kind in NOT_IN_ALL:
+            print(f"=== bench {kind} skipped: {NOT_IN_ALL[kind]} (run it on its own)", flush=True)
+            continue
         if args.device != "cpu" and kind in CPU_ONLY_KINDS:
             print(f"=== bench {kind} skipped: {CPU_ONLY_KINDS[kind]} (run it with --device cpu)", flush=True)
             continue
@@ -438,7 +478,8 @@ def _bench_all(args) -> int:
     return 0
 
 
-_BENCH_HANDLERS = {"grouped": _bench_grouped, "train": _bench_train, "merge": _bench_merge_or_svd,
+_BENCH_HANDLERS = {"grouped": _bench_grouped, "train": _bench_train, "train-many": _bench_train_many,
+                   "merge": _bench_merge_or_svd,
                    "svd": _bench_merge_or_svd, "arrow": _bench_arrow, "model": _bench_model}
 
 # --- reproduce: paper recipes (lora_ops.recipes) -------------------------------------------------------------
@@ -584,9 +625,12 @@ def _assets_fetch(args) -> int:
             print(f"model: {path}")
         names = args.tasks or bigbench.suite_tasks()
         files = assets.extract_tasks(names, args.cache_dir, progress=not args.quiet)
+        print(f"tasks: {len(files)} in {assets.tasks_dir(args.cache_dir)}")
+        if not args.tasks:
+            print(f"suite data (JSONL, seed 0): {bigbench.build_suite(args.cache_dir, progress=not args.quiet)}")
     except assets.AssetError as e:
         raise CliError(f"assets fetch: {e}", code=1) from None
-    print(f"tasks: {len(files)} in {assets.tasks_dir(args.cache_dir)} ({time.time() - start:.0f} s)")
+    print(f"done in {time.time() - start:.0f} s")
     return 0
 
 
@@ -608,6 +652,8 @@ def _assets_status(args) -> int:
           + (f" (sha256 {next(iter(model['weights'].values()))[:12]}…, {model['parameters']:,} parameters)"
              if model else ""))
     print(f"tasks:  {len(st['tasks'])} extracted in {st['tasks_dir']}")
+    for d in st["suite_dirs"]:
+        print(f"suite:  {d}")
     return 0
 
 

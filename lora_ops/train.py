@@ -568,12 +568,23 @@ def _collate(rows: Sequence[dict], pad_id: int, device) -> Tuple[torch.Tensor, t
     return ids.to(device), mask.to(device), att.to(device)
 
 
+def row_ce_sums(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row sums ``[B]`` (float32) of the cross-entropy of predicting ``ids[:, 1:]`` where ``mask[:, 1:]`` is on.
+
+    Only the positions that carry loss go through the softmax, as one contiguous ``[n, vocab]`` block: with a
+    large vocabulary the cross-entropy costs as much as several decoder layers, and prompt tokens carry none.
+    """
+    on = mask[:, 1:]
+    picked = logits[:, :-1][on].float()
+    ce = torch.nn.functional.cross_entropy(picked, ids[:, 1:][on], reduction="none")
+    rows = on.nonzero(as_tuple=True)[0]
+    return torch.zeros(ids.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+
+
 def _loss_sums(model, ids, mask, att, owner: torch.Tensor, n: int) -> torch.Tensor:
     """Per-adapter sums of the token cross-entropy over this rank's rows, ``[N]`` float32 (differentiable)."""
-    from lora_ops.recipes.train import token_ce
-
     logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
-    row = token_ce(logits, ids, mask).sum(1)
+    row = row_ce_sums(logits, ids, mask)
     return torch.zeros(n, dtype=row.dtype, device=row.device).index_add(0, owner, row)
 
 
