@@ -363,7 +363,8 @@ def _unknown_tasks(unknown: List[str], known) -> str:
 
 
 def status(cache=None) -> dict:
-    """What the cache holds: ``model_dir`` (None until converted), ``tasks_dir``, extracted tasks, downloads."""
+    """What the cache holds: ``model_dir`` (None until converted), ``tasks_dir``, extracted tasks, the suite's
+    data folders (``suite_dirs``), downloads."""
     root = cache_dir(cache)
     out = model_dir(cache)
     info_path = out / ASSET_INFO
@@ -376,6 +377,7 @@ def status(cache=None) -> dict:
     tdir = tasks_dir(cache)
     tasks = sorted(str(p.parent.relative_to(tdir)).replace(os.sep, ":") for p in tdir.rglob("task.json")) \
         if tdir.is_dir() else []
+    suites = sorted(str(p.parent) for p in (root / "data").glob("bigbench-suite-*/suite.json"))
     return {"cache_dir": str(root), "model_dir": str(out) if info_path.is_file() else None,
             "model": json.loads(info_path.read_text()) if info_path.is_file() else None,
-            "tasks_dir": str(tdir), "tasks": tasks, "downloads": downloads}
+            "tasks_dir": str(tdir), "tasks": tasks, "suite_dirs": suites, "downloads": downloads}
