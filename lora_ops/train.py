@@ -34,7 +34,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -84,7 +84,6 @@ class JobConfig:
     log_every: int = 1
     base_dtype: str = "float32"
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
-    extra: Dict[str, Any] = field(default_factory=dict)  # not used; keeps asdict() stable
 
     def fingerprint(self) -> dict:
         """What a checkpoint must agree with to be resumed (``steps`` may grow, paths may move)."""
@@ -124,7 +123,7 @@ def parse_config(raw: Mapping[str, Any], root: Union[str, os.PathLike, None] = N
     """
     if not isinstance(raw, Mapping):
         raise ValueError(f"config must be a mapping of keys to values, got {type(raw).__name__}")
-    fields = {f for f in JobConfig.__dataclass_fields__ if f != "extra"}
+    fields = set(JobConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ValueError(f"config: unknown key(s) {unknown} (known: {sorted(fields)})")
