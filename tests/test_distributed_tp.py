@@ -2,7 +2,8 @@
 
 The checks run in tests/tp_worker.py under torchrun, in a subprocess with a timeout (a hung collective cannot
 stall the suite): every layout of grouped_lora's sharding rules (replicated, column, row, batch; top-k ids with
-weights and -1 rows) and a column-parallel + row-parallel MultiLoRALinear MLP with per-sequence ids.
+weights and -1 rows), a column-parallel + row-parallel MultiLoRALinear MLP with per-sequence ids, and a tiny
+transformers Llama with banks on all seven projections under a Megatron-style plan (logits and bank gradients).
 """
 
 import os

@@ -88,6 +88,48 @@ def check_layers(mesh):
         close(got, p.grad, name)
 
 
+LLAMA_PLAN = {"model.layers.*.self_attn.q_proj": "colwise", "model.layers.*.self_attn.k_proj": "colwise",
+              "model.layers.*.self_attn.v_proj": "colwise", "model.layers.*.self_attn.o_proj": "rowwise",
+              "model.layers.*.mlp.gate_proj": "colwise", "model.layers.*.mlp.up_proj": "colwise",
+              "model.layers.*.mlp.down_proj": "rowwise"}
+
+
+def check_llama(mesh):
+    """A tiny transformers Llama with banks on all seven projections, Megatron-style plan: logits and gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_ops.nn import wrap
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50)
+    ref = LlamaForCausalLM(cfg).eval()
+    ref.requires_grad_(False)
+
+    def bank(_name, layer):
+        a = torch.randn(3, 4, layer.in_features) * 0.2
+        return AdapterBank(a, torch.randn(3, layer.out_features, 4) * 0.2, torch.tensor([1.0, 0.5, 2.0]),
+                           ["a", "b", "c"], trainable=True)
+
+    wrap(ref, bank, list({k.rsplit(".", 1)[1] for k in LLAMA_PLAN}))
+    tp = parallelize_multi_lora(copy.deepcopy(ref), mesh, LLAMA_PLAN)
+    for layer in tp.model.layers:
+        assert layer.self_attn.q_proj.bank.lora_b.placements == (Shard(1),)
+        assert layer.mlp.down_proj.bank.lora_a.placements == (Shard(2),)
+        assert layer.self_attn.o_proj.base.weight.to_local().shape == (32, 16)  # half of d_in on each rank
+    tokens = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(2))
+    for model in (ref, tp):
+        with adapter_ids(model, torch.tensor([2, 0, -1])):
+            logits = model(tokens, use_cache=False).logits
+        logits.square().mean().backward()
+        model.logits = logits.detach()
+    close(tp.logits, ref.logits, "llama logits")
+    params = dict(tp.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            close(params[name].grad, p.grad, f"llama {name}")
+
+
 def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -95,6 +137,7 @@ def main():
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         check_op_layouts(mesh)
         check_layers(mesh)
+        check_llama(mesh)
         if dist.get_rank() == 0:
             print("tensor parallel: all checks passed")
     finally:
