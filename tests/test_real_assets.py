@@ -330,3 +330,14 @@ def test_eval_cli_on_task_json(tiny_gguf, tmp_path, capsys):
     assert res["n"] == 5 and 0 <= res["accuracy"] <= 1 and res["task"] == "toy"
     assert res["se"] == pytest.approx(math.sqrt(res["accuracy"] * (1 - res["accuracy"]) / 5))
     assert cli.main(["eval", "--model", str(model_dir), "--task", str(tmp_path / "none.json")]) == 2
+
+
+def test_evaluate_uses_the_choice_grade_for_choice_rows():
+    from lora_ops.recipes.eval import evaluate
+
+    model = _bigram_model(_table())
+    exs = [Example("mc", "ab", "yx", choices=("x", "yx")), Example("gen", "ab", "x")]
+    res = evaluate(model, TOK, exs)
+    assert res["mc"]["acc"] == 0.0  # "x" has the higher log-likelihood
+    assert res["mc"]["exact"] == 1.0  # while greedy decoding produces "yx" (y 0.5 > x 0.4, then x, then end)
+    assert "exact" not in res["gen"]

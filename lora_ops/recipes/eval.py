@@ -60,6 +60,8 @@ def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, m
              forward: Optional[Callable] = None) -> Dict[str, dict]:
     """``{task: {"acc": exact-match fraction, "loss": answer token-mean CE, "n": rows}}``.
 
+    A task whose rows all have ``choices`` is a multiple-choice task: its ``acc`` is the multiple-choice grade of
+    :func:`evaluate_choices` (``exact`` keeps the exact-match fraction), unless ``forward`` is given.
     ``forward(model, rows, ids, loss_mask, attention_mask) -> logits`` replaces the plain model call (e.g. to route
     each batch from its rows' prompts first); rows are the encoded examples of the batch.
     """
@@ -84,6 +86,9 @@ def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, m
             hit = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask[:, 1:]
             correct += int(hit.all(-1).sum())
         result[task] = {"acc": correct / len(exs), "loss": ce_sum / max(1, tokens), "n": len(exs)}
+        if forward is None and all(e.choices for e in exs):
+            mc = evaluate_choices(model, tok, exs, batch_size=max(1, batch_size // 8), max_len=max_len)[task]
+            result[task].update(acc=mc["acc"], se=mc["se"], exact=correct / len(exs))
     return result
 
 
