@@ -622,11 +622,9 @@ def train(cfg: Union[JobConfig, Mapping[str, Any], str, os.PathLike], *, resume:
 
     model, tok = _load_base(cfg.base, progress)
     model.requires_grad_(False)
-    streams = [DataStream(read_rows(s.data, tok, cfg.max_len), cfg.seed, s.name, k) for s in cfg.adapters]
-    banks = attach_banks(model, cfg.adapters, cfg.seed)
     model.to(dtype=DTYPES[cfg.base_dtype])
-    for bank in banks.values():
-        bank.float()  # the adapters stay float32 whatever the base dtype (see the module docstring)
+    streams = [DataStream(read_rows(s.data, tok, cfg.max_len), cfg.seed, s.name, k) for s in cfg.adapters]
+    banks = attach_banks(model, cfg.adapters, cfg.seed)  # float32 whatever the base dtype (module docstring)
     model.to(dev)
     model.eval()  # the base's own dropout stays off; the LoRA path has none
 

@@ -96,6 +96,8 @@ def test_bf16_base_keeps_float32_adapters(setup, tmp_path):
     assert layer.base.weight.dtype == torch.bfloat16 and layer.bank.lora_a.dtype == torch.float32
     state = _adapter_tensors(summary["adapters"]["add3"], "")
     assert all(v.dtype == torch.float32 for v in state.values())
+    a = next(v for k, v in state.items() if "lora_A" in k)
+    assert bool((a.bfloat16().float() != a).any())  # float32 precision, never rounded through the base dtype
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["loss"].values())
 
 
