@@ -9,6 +9,8 @@ exactly where training it alone on its rows would (tests/test_train_many_adapter
 Point ``--model`` at a local Hugging Face checkpoint folder to use a real model instead.
 
 ``--reference-op`` trains through the pure-torch reference op instead (slow; for checking gradients).
+For real jobs (datasets, per-adapter rank / lr / targets, checkpoints, torchrun) use ``lora-ops train CONFIG``
+(lora_ops/train.py; README "Training many adapters in one job").
 """
 
 from __future__ import annotations
