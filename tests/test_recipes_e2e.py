@@ -56,7 +56,7 @@ def test_ilora_runs_end_to_end_and_is_deterministic(tmp_path, cache):
     for key in ("base", "own_adapter", "methods", "train_final"):
         assert json.dumps(p1[key], sort_keys=True) == json.dumps(p2[key], sort_keys=True), key
     names = list(p1["methods"])
-    assert len(names) == 4 and all(len(p1["methods"][n]["scalability"]) == 2 for n in names)
+    assert len(names) == 5 and all(len(p1["methods"][n]["scalability"]) == 2 for n in names)
     out = tmp_path / "one"
     for f in ("results.json", "results.md", "single_task.png", "scalability.png"):
         assert (out / f).is_file(), f

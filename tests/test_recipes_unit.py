@@ -321,3 +321,12 @@ def test_saved_adapters_load_in_peft_with_the_same_outputs(tiny, tmp_path):
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "m")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_ilora_general_evaluation_set_is_held_back():
+    corpus = data.synthetic(seed=0, n_train=1, n_valid=1, n_test=1, n_general=400).general
+    assert len(set(corpus)) < len(corpus)  # the synthetic corpus repeats lines
+    tuning, held = ilora.held_back_general(corpus, 64, synthetic_seed=7)
+    assert tuning == corpus and len(held) == 64 == len(set(held)) and not set(held) & set(corpus)
+    tuning, held = ilora.held_back_general(corpus, 64, synthetic_seed=None)  # user data: the last distinct lines
+    assert len(held) == 64 == len(set(held)) and not set(held) & set(tuning)

@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lora_ops._io import atomic_write_text
 
-__all__ = ["Example", "Dataset", "TASKS", "HELD_OUT", "synthetic", "read_jsonl", "write_jsonl", "load_dir",
-           "save_dir", "CharTokenizer", "SEP"]
+__all__ = ["Example", "Dataset", "TASKS", "HELD_OUT", "synthetic", "general_lines", "read_jsonl", "write_jsonl",
+           "load_dir", "save_dir", "CharTokenizer", "SEP"]
 
 SEP = "="  # between prompt and answer; every synthetic prompt ends right before it
 
@@ -145,6 +145,20 @@ def _general_line(rng: random.Random) -> str:
         return f"say:{w}{SEP}{w}"
     start = rng.randint(0, 5)
     return " ".join(str(i) for i in range(start, start + rng.randint(3, 6)))
+
+
+def general_lines(seed: int, n: int, exclude: Sequence[str] = ()) -> List[str]:
+    """``n`` distinct general-corpus lines drawn from ``seed``, none of them in ``exclude`` (e.g. a held-back set
+    disjoint from the corpus a model was trained on); fewer if the generator runs dry."""
+    rng, seen, out = random.Random(seed), set(exclude), []
+    for _ in range(50 * n):
+        line = _general_line(rng)
+        if line not in seen:
+            seen.add(line)
+            out.append(line)
+            if len(out) == n:
+                break
+    return out
 
 
 def _examples(table, names: Sequence[str], n: int, rng: random.Random) -> List[Example]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from lora_ops.merge import truncate_by_energy
 from lora_ops.recipes import adapters as ad
+from lora_ops.recipes import data as data_mod
 from lora_ops.recipes import eval as ev
 from lora_ops.recipes import results as res
 from lora_ops.recipes import train
@@ -40,7 +42,7 @@ from lora_ops.recipes.common import BaseSpec, prepare
 from lora_ops.recipes.model import TinyConfig
 
 __all__ = ["ILoRAConfig", "quick_config", "routing_loss", "energy_truncate", "max_by_magnitude", "iterative_max",
-           "average_merge", "run"]
+           "average_merge", "held_back_general", "run"]
 
 
 @dataclass
@@ -174,8 +176,23 @@ def average_merge(adapters: Sequence[ad.Adapter], rank: Optional[int]) -> ad.Ada
 # ---------------------------------------------------------------------------------------------------------------
 # the recipe
 
-def _train_task_adapters(setup, cfg: ILoRAConfig, tasks, eps, out: Path, tag: str, progress: bool):
-    gen_rows = [train.encode_text(setup.tok, t, setup.max_len) for t in setup.data.general]
+def held_back_general(general: Sequence[str], n: int, *,
+                      synthetic_seed: Optional[int]) -> Tuple[List[str], List[str]]:
+    """(routing-tuning lines, general evaluation lines): the evaluation set is de-duplicated and disjoint from the
+    lines routing tuning draws from. On the synthetic testbed (``synthetic_seed`` given) it is freshly generated
+    and also disjoint from the base's pre-training corpus (which is ``general``); on user data it is the corpus's
+    last ``n`` distinct lines (at most half of them), held back from routing tuning."""
+    unique = list(dict.fromkeys(general))
+    if synthetic_seed is not None:
+        return list(general), data_mod.general_lines(synthetic_seed, n, exclude=unique)
+    n = min(n, len(unique) // 2)
+    held = set(unique[len(unique) - n:])
+    return [t for t in general if t not in held], unique[len(unique) - n:]
+
+
+def _train_task_adapters(setup, cfg: ILoRAConfig, tasks, eps, out: Path, tag: str, progress: bool,
+                         general: Sequence[str]):
+    gen_rows = [train.encode_text(setup.tok, t, setup.max_len) for t in general]
     adapters, logs, curves = [], {}, {}
     for i, task in enumerate(tasks):
         exs = [e for e in setup.data.train if e.task == task]
@@ -209,7 +226,9 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
     if (cfg.eps[1] or cfg.eps[2]) and not setup.data.general:
         raise ValueError("ilora: routing tuning (ε2, ε3 > 0) needs general text: add general.jsonl to --data")
     test = [e for e in setup.data.test if e.task in tasks]
-    general = setup.data.general[-cfg.n_general_eval:] if setup.data.general else []
+    # evaluation lines: de-duplicated, never drawn for routing tuning, and (synthetic) never seen in pre-training
+    tuning_general, general = held_back_general(setup.data.general, cfg.n_general_eval,
+                                                synthetic_seed=None if data_dir else cfg.seed + 7919)
     tok, base = setup.tok, setup.model
 
     def score(model):
@@ -218,8 +237,10 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
 
     base_scores, base_general = score(base)
     plain_eps = (1.0, 0.0, 0.0)
-    routed, routed_logs, routed_curves = _train_task_adapters(setup, cfg, tasks, cfg.eps, out, "routing", progress)
-    plain, plain_logs, plain_curves = _train_task_adapters(setup, cfg, tasks, plain_eps, out, "plain", progress)
+    routed, routed_logs, routed_curves = _train_task_adapters(setup, cfg, tasks, cfg.eps, out, "routing", progress,
+                                                              tuning_general)
+    plain, plain_logs, plain_curves = _train_task_adapters(setup, cfg, tasks, plain_eps, out, "plain", progress,
+                                                           tuning_general)
 
     own = {}
     for tag, adapters_ in (("routing", routed), ("plain", plain)):
@@ -232,6 +253,8 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
         "I-LoRA (routing + iterative max)": iterative_max(routed, cfg.r, cfg.energy),
         "ablation a: plain CE + iterative max": iterative_max(plain, cfg.r, cfg.energy),
         "ablation b: routing + average": [average_merge(routed[: t + 1], cfg.r) for t in range(len(tasks))],
+        # the exact average (rank T·r), next to the rank-r one: separates averaging from the rank cut
+        "ablation b, full rank: routing + average": [average_merge(routed[: t + 1], None) for t in range(len(tasks))],
         "plain CE + average": [average_merge(plain[: t + 1], cfg.r) for t in range(len(tasks))],
     }
     methods = {}
@@ -247,7 +270,7 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
         if train.rank() == 0:
             from lora_ops._io import write_peft_adapter_dir
 
-            slug = name.split(":")[0].split(" (")[0].replace(" ", "_").lower()
+            slug = re.sub(r"[^a-z0-9-]+", "_", name.split(":")[0].split(" (")[0].lower()).strip("_")
             write_peft_adapter_dir(out / "merged" / slug, ad.peft_from_factors(hist[-1], cfg.alpha),
                                    {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha,
                                     "target_modules": sorted({p.rsplit(".", 1)[1] for p in hist[-1]}),
@@ -258,8 +281,8 @@ def run(cfg: ILoRAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=N
         r = ev.evaluate(ad.combine(base, [merged]), tok, test, max_len=setup.max_len)
         sweep.append({"merge": "iterative max", "energy": energy, "rank": rank or "full",
                       "mean_acc": ev.mean_accuracy(r, tasks)})
-    r = ev.evaluate(ad.combine(base, [average_merge(routed, None)]), tok, test, max_len=setup.max_len)
-    sweep.append({"merge": "average of products", "energy": 1.0, "rank": "full", "mean_acc": ev.mean_accuracy(r, tasks)})
+    sweep.append({"merge": "average of products", "energy": 1.0, "rank": "full",
+                  "mean_acc": methods["ablation b, full rank: routing + average"]["mean_acc"]})
     payload = {
         "recipe": "ilora", "config": _jsonable(asdict(cfg)), "source": setup.source, "tasks": tasks,
         "base": {"per_task": base_scores, "mean_acc": ev.mean_accuracy(base_scores, tasks),
