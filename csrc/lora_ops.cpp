@@ -46,7 +46,8 @@ TORCH_LIBRARY_FRAGMENT(lora_ops, m) {
   // Randomized SVD of m [..., M, N]: (U [..., M, rank], S [..., rank], Vh [..., rank, N]); Gaussian sketch from a
   // generator seeded with `seed`, n_iter power iterations with Householder re-orthonormalisation.
   m.def("randomized_svd(Tensor m, int rank, int oversample=10, int n_iter=2, int seed=0) -> (Tensor, Tensor, Tensor)");
-  // Test-only: the CUDA backend's Jacobi SVD and merge_lowrank with it, runnable on CPU.
-  m.def("_jacobi_svd(Tensor m) -> (Tensor, Tensor, Tensor)");
+  // Test-only: the CUDA backend's Jacobi SVD (min(M, N) <= 256; NaN singular values when not converged after
+  // max_sweeps) and merge_lowrank with it, runnable on CPU.
+  m.def("_jacobi_svd(Tensor m, int max_sweeps=40) -> (Tensor, Tensor, Tensor)");
   m.def("_merge_lowrank_jacobi(Tensor lora_a, Tensor lora_b, Tensor weights, int rank) -> (Tensor, Tensor, Tensor)");
 }

@@ -358,7 +358,9 @@ def _randomized_svd_fake(m, rank, oversample=10, n_iter=2, seed=0):
 
 
 @torch.library.register_fake("lora_ops::_jacobi_svd")
-def _jacobi_svd_fake(m):
+def _jacobi_svd_fake(m, max_sweeps=40):
+    if m.dim() == 3 and min(m.shape[-2:]) > 256:
+        raise ValueError(f"_jacobi_svd: min(M, N) must be <= 256, got m of shape {list(m.shape)}")
     k = min(m.shape[-2:])
     return m.new_empty(m.shape[0], m.shape[1], k), m.new_empty(m.shape[0], k), m.new_empty(m.shape[0], k, m.shape[2])
 

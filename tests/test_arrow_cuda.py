@@ -91,3 +91,36 @@ def test_arrow_forward_and_opcheck():
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
     torch.library.opcheck(torch.ops.lora_ops.arrow_route.default, (x[:20], protos, 3, 0.5))
     torch.library.opcheck(torch.ops.lora_ops.arrow_prototypes.default, (a[:4], b[:4]))
+
+
+def test_route_follows_torch_matmul_precision():
+    # The CUDA logits are a cuBLAS matmul: full fp32 by default (what the CPU computes), TF32 only when the user
+    # opts in, as for any torch matmul. Documented in docs/architecture.md; this pins both halves.
+    x = torch.randn(512, 1024, dtype=torch.float64)
+    protos = torch.nn.functional.normalize(torch.randn(16, 1024, dtype=torch.float64), dim=-1)
+    logits = (x @ protos.T).abs()
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        _, w = lora_ops.arrow_route(x.float().cuda(), protos.float().cuda(), 4)
+        _, w_ref = reference.arrow_route(x, protos, 4)
+        torch.testing.assert_close(w.cpu().double(), w_ref, atol=1e-5, rtol=1e-5)
+        torch.set_float32_matmul_precision("high")  # TF32: ~1e-3 relative rounding of each logit
+        ids, w = lora_ops.arrow_route(x.float().cuda(), protos.float().cuda(), 4)
+        chosen, best = logits.gather(-1, ids.cpu()), logits.topk(4, dim=-1).values
+        assert ((chosen - best).abs() <= 1e-2 * best).all()
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_mixed_devices_raise_value_error():
+    # The argument checks run before the device guard: the error names the argument.
+    with pytest.raises(ValueError, match="prototypes is on"):
+        torch.ops.lora_ops.arrow_route(torch.randn(3, 8), torch.randn(4, 8, device="cuda"), 2)
+    with pytest.raises(ValueError, match="x is on|prototypes is on"):
+        torch.ops.lora_ops.arrow_route(torch.randn(3, 8, device="cuda"), torch.randn(4, 8), 2)
+    a, b = bank(3, 2, 8, 6)
+    with pytest.raises(ValueError, match="weights is on"):
+        torch.ops.lora_ops.merge_lowrank(a.cuda(), b.cuda(), torch.ones(3), 2)
+    with pytest.raises(ValueError, match="lora_b is on"):
+        torch.ops.lora_ops.merge_lowrank(a.cuda(), b, torch.ones(3, device="cuda"), 2)

@@ -8,7 +8,8 @@ import torch
 import lora_ops
 from lora_ops.reference import grouped_lora as reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and lora_ops.cuda_built()),
+                                reason="needs a CUDA device and lora_ops built with CUDA")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DISTRIBUTIONS = ["same", "uniform", "zipf", "distinct", "none", "mixed"]

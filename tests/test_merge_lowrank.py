@@ -175,10 +175,79 @@ def test_jacobi_svd_matches_lapack(shape, dtype):
     assert ((vh.double() @ vh.double().mT - eye).abs().max() <= 10 * tol)
 
 
+def assert_orthonormal_columns(u, tol):
+    eye = torch.eye(u.shape[-1], dtype=torch.float64)
+    assert (u.double().mT @ u.double() - eye).abs().max().item() <= tol
+
+
 def test_jacobi_svd_of_zero_matrix():
     u, s, vh = torch.ops.lora_ops._jacobi_svd(torch.zeros(2, 6, 4))
-    assert (s == 0).all() and (u == 0).all()
+    assert (s == 0).all()
+    assert_orthonormal_columns(u, 1e-6)  # completed like LAPACK's, not left zero
     torch.testing.assert_close(vh @ vh.mT, torch.eye(4).expand(2, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jacobi_svd_zero_singular_values_complete_u(dtype):
+    x = torch.randn(3, 9, 6, dtype=dtype)
+    x[:, :, 1] = 0  # exactly zero columns: exactly zero singular values
+    x[1, :, 4] = 0
+    x[2] = 0
+    x[2, 3, 2] = 5.0  # rank one, its direction is a unit vector
+    u, s, vh = torch.ops.lora_ops._jacobi_svd(x)
+    assert (s[0, -1] == 0) and (s[1, -2:] == 0).all() and (s[2, 1:] == 0).all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_orthonormal_columns(u, tol)
+    torch.testing.assert_close((u * s[:, None, :]) @ vh, x, atol=tol * 10, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_jacobi_svd_fp32_extreme_scales(scale):
+    # The Gram sums are formed in double: fp32 squares would overflow above ~1.8e19 and underflow below ~1e-19.
+    x = torch.randn(2, 12, 5, dtype=torch.float64)
+    u, s, vh = torch.ops.lora_ops._jacobi_svd((x * scale).float())
+    ref = torch.linalg.svdvals(x)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert ((s.double() / scale - ref).abs() <= 1e-5 * ref[:, :1]).all()
+    assert_orthonormal_columns(u, 1e-5)
+
+
+def test_jacobi_svd_nan_keeps_a_permutation():
+    x = torch.randn(2, 8, 5)
+    x[0, 3, 2] = float("nan")
+    u, s, vh = torch.ops.lora_ops._jacobi_svd(x)
+    assert torch.isnan(s[0]).all()  # NaN spreads through the rotations: no finite answer for that matrix
+    assert not (vh[0] == 0).all(-1).any()  # every output row got a column: positions are a permutation
+    ref = torch.linalg.svdvals(x[1].double())
+    assert ((s[1].double() - ref).abs() <= 1e-5 * ref[0]).all()  # the other matrix is unaffected
+
+
+def test_jacobi_svd_unconverged_reports_nan():
+    x = torch.randn(3, 24, 16, dtype=torch.float64)
+    _, s, _ = torch.ops.lora_ops._jacobi_svd(x, max_sweeps=1)  # a random 16-column matrix needs several sweeps
+    assert torch.isnan(s).all()
+    _, s, _ = torch.ops.lora_ops._jacobi_svd(x)
+    assert torch.isfinite(s).all()
+
+
+def test_jacobi_svd_argument_limits():
+    with pytest.raises(ValueError, match="min\\(M, N\\) must be <= 256"):
+        torch.ops.lora_ops._jacobi_svd(torch.randn(1, 300, 257))
+    with pytest.raises(ValueError, match="max_sweeps must be in"):
+        torch.ops.lora_ops._jacobi_svd(torch.randn(1, 4, 4), max_sweeps=0)
+
+
+def test_merge_lowrank_one_sign_convention():
+    # LAPACK and Jacobi cores flip singular vectors independently; the factors themselves must agree, with every
+    # column of b's largest-magnitude entry positive (what CUDA returns too).
+    a, b = bank((3,), 4, 3, 24, 20)
+    w = torch.randn(4)
+    la, lb = OPS["lapack"](a, b, w, 6)[:2]
+    ja, jb = OPS["jacobi"](a, b, w, 6)[:2]
+    torch.testing.assert_close(ja, la, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(jb, lb, atol=1e-4, rtol=1e-4)
+    pivot = lb.gather(-2, lb.abs().argmax(-2, keepdim=True))
+    assert (pivot > 0).all()
 
 
 # ----- argument checks and opcheck ------------------------------------------------------------------------------

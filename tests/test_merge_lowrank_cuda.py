@@ -33,7 +33,7 @@ def test_degenerate_cuda():
     assert rel_error(ma.cpu(), mb.cpu(), dense_truncation(a.cpu(), b.cpu(), torch.ones(4), 4)[0]) <= 1e-5
 
 
-@pytest.mark.parametrize("shape", [(3, 20, 7), (2, 7, 20), (64, 128, 128), (4, 256, 256), (2, 300, 280)])
+@pytest.mark.parametrize("shape", [(3, 20, 7), (2, 7, 20), (64, 128, 128), (4, 256, 256), (2, 300, 256)])
 def test_jacobi_svd_cuda_matches_cpu_twin(shape):
     x = torch.randn(shape)
     u, s, vh = torch.ops.lora_ops._jacobi_svd(x.cuda())
@@ -41,6 +41,24 @@ def test_jacobi_svd_cuda_matches_cpu_twin(shape):
     assert ((s.cpu().double() - ref).abs() <= 1e-5 * ref[:, :1]).all()
     recon = (u.double() * s.double()[:, None, :]) @ vh.double()
     assert ((recon.cpu() - x.double()).flatten(1).norm(dim=1) <= 1e-5 * x.double().flatten(1).norm(dim=1)).all()
+
+
+def test_jacobi_svd_cuda_limits_and_convergence():
+    with pytest.raises(ValueError, match="must be <= 256"):
+        torch.ops.lora_ops._jacobi_svd(torch.randn(1, 300, 280, device="cuda"))
+    _, s, _ = torch.ops.lora_ops._jacobi_svd(torch.randn(2, 24, 16, device="cuda"), max_sweeps=1)
+    assert torch.isnan(s).all()
+    u, s, _ = torch.ops.lora_ops._jacobi_svd(torch.zeros(2, 6, 4, device="cuda"))
+    torch.testing.assert_close(u.mT @ u, torch.eye(4, device="cuda").expand(2, 4, 4))
+
+
+def test_merge_lowrank_cuda_same_factors_as_cpu():
+    a, b = bank((2,), 4, 3, 24, 20)
+    w = torch.randn(4)
+    ca, cb = lora_ops.merge_lowrank(a.cuda(), b.cuda(), w.cuda(), 6)
+    la, lb = lora_ops.merge_lowrank(a, b, w, 6)
+    torch.testing.assert_close(ca.cpu(), la, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cb.cpu(), lb, atol=1e-4, rtol=1e-4)
 
 
 def test_opcheck_cuda():

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <tuple>
 
+#include "sign_convention.h"
+
 namespace lora_ops {
 
 namespace {
@@ -83,10 +85,7 @@ at::Tensor arrow_prototypes_impl(const at::Tensor& lora_a, const at::Tensor& lor
   const at::Tensor vh = std::get<2>(at::linalg_svd(core, /*full_matrices=*/false));
   const at::Tensor v1 = vh.select(-2, 0);                          // [..., m], sorted by singular value
   at::Tensor proto = at::matmul(q_a, v1.unsqueeze(-1)).squeeze(-1);  // [..., d_in], unit norm
-  // The sign of a singular vector is arbitrary (and differs between LAPACK and cuSOLVER): make the component of
-  // largest magnitude positive (the first one on ties, as argmax picks) so both backends agree.
-  const at::Tensor pivot = proto.gather(-1, proto.abs().argmax(-1, /*keepdim=*/true));
-  proto = proto * at::where(pivot < 0, -1.0, 1.0).to(acc);
+  proto = proto * pivot_sign(proto);  // the sign both backends agree on
   return proto.to(lora_a.scalar_type()).reshape(out_shape);
 }
 

@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include "sign_convention.h"
+
 namespace lora_ops {
 
 namespace {
@@ -115,7 +117,8 @@ Svd3 merge_lowrank_rows(const MergeLowrankProblem& p, int64_t begin, int64_t end
     b_out = pad_last(b_out, p.rank);
     a_out = pad_last(a_out.transpose(1, 2), p.rank).transpose(1, 2);
   }
-  return {a_out, b_out, pad_last(s, k)};
+  const auto sign = pivot_sign(b_out.transpose(1, 2));  // [L, rank, 1]: b's columns pivot-positive on every backend
+  return {a_out * sign, b_out * sign.transpose(1, 2), pad_last(s, k)};
 }
 
 Svd3 finish_merge_lowrank(const MergeLowrankProblem& p, at::Tensor a, at::Tensor b, at::Tensor s) {

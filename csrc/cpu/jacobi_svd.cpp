@@ -1,22 +1,20 @@
 // lora_ops::_jacobi_svd on CPU: a test-only op exposing the Jacobi SVD the CUDA backend uses for small matrices.
 #include "jacobi_svd.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "../cuda/jacobi_svd_kernel.cuh"
-
 namespace lora_ops {
 
-Svd3 jacobi_svd_cpu(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 3, "_jacobi_svd: m must have shape [L, M, N], got ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "_jacobi_svd: m must be float32 or float64, got ", x.scalar_type());
+namespace {
+
+Svd3 jacobi_svd_run(const at::Tensor& x, int64_t max_sweeps) {
   if (x.size(1) < x.size(2)) {  // the kernel wants m >= n: svd(X^T) = V S U^T
-    auto [u, s, vh] = jacobi_svd_cpu(x.transpose(1, 2));
+    auto [u, s, vh] = jacobi_svd_run(x.transpose(1, 2), max_sweeps);
     return {vh.transpose(1, 2).contiguous(), s, u.transpose(1, 2).contiguous()};
   }
   const int64_t L = x.size(0), m = x.size(1), n = x.size(2);
@@ -36,18 +34,24 @@ Svd3 jacobi_svd_cpu(const at::Tensor& x) {
       for (int64_t b = b0; b < b1; ++b) {
         jacobi::jacobi_svd_serial<scalar_t>(gp + b * m * n, vp + b * n * n, static_cast<int>(m),
                                             static_cast<int>(n), sigma.data(), up + b * m * n, sp + b * n,
-                                            vhp + b * n * n);
+                                            vhp + b * n * n, static_cast<int>(max_sweeps));
       }
     });
   });
   return {u, s, vh};
 }
 
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_op(const at::Tensor& m) { return jacobi_svd_cpu(m); }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_op(const at::Tensor& m, int64_t max_sweeps) {
+  check_jacobi_svd_args(m, max_sweeps);
+  return jacobi_svd_run(m, max_sweeps);
+}
 
 }  // namespace
+
+Svd3 jacobi_svd_cpu(const at::Tensor& x) {
+  if (std::min(x.size(1), x.size(2)) > jacobi::kJacobiMaxN) return at::linalg_svd(x, /*full_matrices=*/false);
+  return jacobi_svd_run(x, jacobi::kMaxSweeps);
+}
 
 TORCH_LIBRARY_IMPL(lora_ops, CPU, m) { m.impl("_jacobi_svd", &jacobi_svd_op); }
 

@@ -4,9 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,7 +20,6 @@ namespace {
 // Splitting d_in gives small batches enough blocks; a chunk below kMinSplit elements is not worth a block.
 constexpr int64_t kMinSplit = 512;
 constexpr int64_t kMaxSplits = 32;
-constexpr int64_t kMaxGridY = 65535;
 
 using cuda::ceil_div;
 using cuda::CudaType;
@@ -58,7 +54,7 @@ void launch_grouped_lora(const GroupedLoraProblem& p, at::Tensor& out) {
   // start stays 16-byte aligned; the split count depends on shapes only (no sync, graph-safe).
   int64_t splits = 1, chunk = p.d_in;
   if (p.d_in > 0) {
-    const int64_t target_blocks = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    const int64_t target_blocks = 2 * cuda::sm_count();
     if (pair_blocks < target_blocks) {
       splits = std::min({ceil_div(target_blocks, pair_blocks), ceil_div(p.d_in, kMinSplit), kMaxSplits});
     }
@@ -67,19 +63,19 @@ void launch_grouped_lora(const GroupedLoraProblem& p, at::Tensor& out) {
   }
   at::Tensor h = at::empty({splits, P, p.r}, out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cuda::Stream stream = cuda::current_stream();
   const auto shrink = vec_x ? cuda::grouped_lora_shrink_kernel<cuda_t, acc_t, kVec>
                             : cuda::grouped_lora_shrink_kernel<cuda_t, acc_t, 1>;
-  shrink<<<dim3(static_cast<unsigned>(pair_blocks), static_cast<unsigned>(splits)), cuda::kShrinkThreads, 0,
-           stream>>>(x, A, ids, scales, weights, h.mutable_data_ptr<acc_t>(), P, p.k, p.N, p.r, p.d_in, chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(shrink, dim3(static_cast<unsigned>(pair_blocks), static_cast<unsigned>(splits)),
+               dim3(cuda::kShrinkThreads), 0, stream, x, A, ids, scales, weights, h.mutable_data_ptr<acc_t>(), P, p.k,
+               p.N, p.r, p.d_in, chunk);
 
-  const int64_t tiles = std::min(ceil_div(p.d_out, cuda::kExpandThreads), kMaxGridY);  // kernel loops over the rest
+  const int64_t tiles = std::min(ceil_div(p.d_out, cuda::kExpandThreads), cuda::kMaxGridYZ);  // kernel loops over the rest
   const auto expand = vec_b ? cuda::grouped_lora_expand_kernel<cuda_t, acc_t, kVec>
                             : cuda::grouped_lora_expand_kernel<cuda_t, acc_t, 1>;
-  expand<<<dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(tiles)), cuda::kExpandThreads, 0,
-           stream>>>(B, ids, h.const_data_ptr<acc_t>(), y, p.T, p.k, p.N, p.r, p.d_out, static_cast<int>(splits));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(expand, dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(tiles)),
+               dim3(cuda::kExpandThreads), 0, stream, B, ids, h.const_data_ptr<acc_t>(), y, p.T, p.k, p.N, p.r,
+               p.d_out, static_cast<int>(splits));
 }
 
 at::Tensor grouped_lora_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -87,7 +83,7 @@ at::Tensor grouped_lora_cuda(const at::Tensor& x, const at::Tensor& lora_a, cons
                              const std::optional<at::Tensor>& weights, bool check_ids) {
   // Checks first: they name the argument on another device, which a guard built from x could not.
   const GroupedLoraProblem p = prepare_grouped_lora(x, lora_a, lora_b, adapter_ids, scales, weights, check_ids);
-  const c10::cuda::CUDAGuard guard(p.x.device());
+  const cuda::DeviceGuard guard(p.x.device());
   at::Tensor out = at::empty({p.T, p.d_out}, p.x.options());
   if (out.numel() == 0) return out.view(p.out_shape);  // T = 0 or d_out = 0: nothing to launch
   if (p.k == 0 || p.r == 0 || p.N == 0) {
@@ -101,6 +97,6 @@ at::Tensor grouped_lora_cuda(const at::Tensor& x, const at::Tensor& lora_a, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_ops, CUDA, m) { m.impl("grouped_lora", &grouped_lora_cuda); }
+LORA_OPS_CUDA_IMPL(m) { m.impl("grouped_lora", &grouped_lora_cuda); }
 
 }  // namespace lora_ops

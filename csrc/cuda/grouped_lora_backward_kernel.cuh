@@ -6,7 +6,9 @@
 //   dx:      dx[t] = Σ_j A_{id(t,j)}ᵀ gf[t k + j]                      (every element written once, no atomics)
 //   segment: over pairs sorted by adapter (order, seg[N + 1] computed on the device):
 //            dA_i = Σ_{p in seg i} gf[p] x_{row(p)}ᵀ,  dB_i = Σ_{p in seg i} dy_{row(p)} hf[p]ᵀ
-//            (adapters without pairs get zeros; each output element is owned by one thread: deterministic)
+//            (adapters without pairs get zeros). Each segment is cut into `splits` equal parts, one per block, so
+//            few adapters with many tokens still fill the GPU; the parts' partial sums go to a buffer and
+//            segment_reduce adds them in part order. Every output element is owned by one thread: deterministic.
 // Fixed launch count, no host synchronisation: CUDA-graph friendly.
 #pragma once
 #include "grouped_lora_kernel.cuh"
@@ -102,60 +104,94 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
-// Grid (T, ceil(d_in / kColThreads)), kColThreads threads. dx [T, d_in] fully written (zeros for rows without a
-// valid adapter): dx[t][e] = Σ_j Σ_q gf[t k + j][q] * A[id][q][e].
+// Grid (T, min(ceil(d_in / kColThreads), 65535)), kColThreads threads; blocks loop over the column tiles beyond.
+// dx [T, d_in] fully written (zeros for rows without a valid adapter): dx[t][e] = Σ_j Σ_q gf[t k + j][q] * A[id][q][e].
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kColThreads)
     grouped_lora_bwd_dx_kernel(const scalar_t* __restrict__ A, const int64_t* __restrict__ ids,
                                const acc_t* __restrict__ gf, scalar_t* __restrict__ dx, int64_t k, int64_t N,
                                int64_t r, int64_t d_in) {
   const int64_t t = blockIdx.x;
-  const int64_t e = static_cast<int64_t>(blockIdx.y) * kColThreads + threadIdx.x;
-  if (e >= d_in) return;
-  acc_t acc = acc_t(0);
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t p = t * k + j, id = ids[p];
-    if (!valid_id(id, N)) continue;
-    const scalar_t* a = A + id * r * d_in + e;
-    const acc_t* gp = gf + p * r;
-    for (int64_t q = 0; q < r; ++q) acc += gp[q] * to_acc(a[q * d_in]);
+  for (int64_t e = static_cast<int64_t>(blockIdx.y) * kColThreads + threadIdx.x; e < d_in;
+       e += static_cast<int64_t>(gridDim.y) * kColThreads) {
+    acc_t acc = acc_t(0);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t p = t * k + j, id = ids[p];
+      if (!valid_id(id, N)) continue;
+      const scalar_t* a = A + id * r * d_in + e;
+      const acc_t* gp = gf + p * r;
+      for (int64_t q = 0; q < r; ++q) acc += gp[q] * to_acc(a[q * d_in]);
+    }
+    dx[t * d_in + e] = from_acc<scalar_t>(acc);
   }
-  dx[t * d_in + e] = from_acc<scalar_t>(acc);
 }
 
-// Grid (N, ceil(cols / kColThreads), ceil(r / kBwdRanks)), kColThreads threads: the segment reduction behind both
-// dA and dB. For adapter i, column c and rank q:
-//   out[i * out_stride_n + q * out_stride_q + c * out_stride_c] = Σ_{s in [seg[i], seg[i+1])} coef[p_s][q] * src[row(p_s)][c]
-// with p_s = order[s]. dA: src = x (cols d_in), coef = gf, out [N, r, d_in]; dB: src = dy (cols d_out),
-// coef = hf, out [N, d_out, r]. Adapters without pairs write zeros.
+// Grid (N * splits, min(ceil(cols / kColThreads), 65535), min(ceil(r / kBwdRanks), 65535)), kColThreads threads;
+// blocks loop over the column tiles and rank chunks beyond. The segment reduction behind both dA and dB: block
+// (i, part) sums, for adapter i, its part-th share of the segment [seg[i], seg[i+1]):
+//   Σ_{s in part} coef[p_s][q] * src[row(p_s)][c],  p_s = order[s],
+// for columns c and ranks q. dA: src = x (cols d_in), coef = gf, out [N, r, d_in]; dB: src = dy (cols d_out),
+// coef = hf, out [N, d_out, r]. With one part the sum is out[i * out_stride_n + q * out_stride_q + c * out_stride_c];
+// with several it is partial[((part * N + i) * r + q) * cols + c] (acc_t), which segment_reduce adds up.
+// Adapters without pairs get zeros.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kColThreads)
     grouped_lora_bwd_segment_kernel(const scalar_t* __restrict__ src, const acc_t* __restrict__ coef,
                                     const int64_t* __restrict__ order, const int64_t* __restrict__ seg,
-                                    scalar_t* __restrict__ out, int64_t k, int64_t r, int64_t cols,
-                                    int64_t out_stride_n, int64_t out_stride_q, int64_t out_stride_c) {
-  const int64_t i = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * kColThreads + threadIdx.x;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.z) * kBwdRanks;
-  if (c >= cols) return;
-  const int nu = static_cast<int>(r - q0 < kBwdRanks ? r - q0 : kBwdRanks);
-  acc_t acc[kBwdRanks];
+                                    scalar_t* __restrict__ out, acc_t* __restrict__ partial, int64_t N, int splits,
+                                    int64_t k, int64_t r, int64_t cols, int64_t out_stride_n, int64_t out_stride_q,
+                                    int64_t out_stride_c) {
+  const int64_t i = blockIdx.x / splits, part = blockIdx.x % splits;
+  const int64_t len = seg[i + 1] - seg[i];
+  const int64_t s0 = seg[i] + len * part / splits, s1 = seg[i] + len * (part + 1) / splits;
+  for (int64_t q0 = static_cast<int64_t>(blockIdx.z) * kBwdRanks; q0 < r;
+       q0 += static_cast<int64_t>(gridDim.z) * kBwdRanks) {
+    const int nu = static_cast<int>(r - q0 < kBwdRanks ? r - q0 : kBwdRanks);
+    for (int64_t c = static_cast<int64_t>(blockIdx.y) * kColThreads + threadIdx.x; c < cols;
+         c += static_cast<int64_t>(gridDim.y) * kColThreads) {
+      acc_t acc[kBwdRanks];
 #pragma unroll
-  for (int u = 0; u < kBwdRanks; ++u) acc[u] = acc_t(0);
-  const int64_t s1 = seg[i + 1];
-  for (int64_t s = seg[i]; s < s1; ++s) {
-    const int64_t p = order[s];
-    const acc_t v = to_acc(src[(p / k) * cols + c]);
-    const acc_t* cp = coef + p * r + q0;
+      for (int u = 0; u < kBwdRanks; ++u) acc[u] = acc_t(0);
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t p = order[s];
+        const acc_t v = to_acc(src[(p / k) * cols + c]);
+        const acc_t* cp = coef + p * r + q0;
 #pragma unroll
-    for (int u = 0; u < kBwdRanks; ++u) {
-      if (u < nu) acc[u] += cp[u] * v;
+        for (int u = 0; u < kBwdRanks; ++u) {
+          if (u < nu) acc[u] += cp[u] * v;
+        }
+      }
+      if (splits == 1) {
+        scalar_t* o = out + i * out_stride_n + q0 * out_stride_q + c * out_stride_c;
+#pragma unroll
+        for (int u = 0; u < kBwdRanks; ++u) {
+          if (u < nu) o[u * out_stride_q] = from_acc<scalar_t>(acc[u]);
+        }
+      } else {
+        acc_t* o = partial + ((part * N + i) * r + q0) * cols + c;
+#pragma unroll
+        for (int u = 0; u < kBwdRanks; ++u) {
+          if (u < nu) o[u * cols] = acc[u];
+        }
+      }
     }
   }
-  scalar_t* o = out + i * out_stride_n + q0 * out_stride_q + c * out_stride_c;
-#pragma unroll
-  for (int u = 0; u < kBwdRanks; ++u) {
-    if (u < nu) o[u * out_stride_q] = from_acc<scalar_t>(acc[u]);
+}
+
+// 1-D grid-stride over the N * r * cols outputs of a split segment reduction: the parts' partial sums added in
+// part order (deterministic), written with the output's strides.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kColThreads)
+    grouped_lora_bwd_segment_reduce_kernel(const acc_t* __restrict__ partial, scalar_t* __restrict__ out, int64_t N,
+                                           int splits, int64_t r, int64_t cols, int64_t out_stride_n,
+                                           int64_t out_stride_q, int64_t out_stride_c) {
+  const int64_t total = N * r * cols;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kColThreads) {
+    acc_t acc = acc_t(0);
+    for (int part = 0; part < splits; ++part) acc += partial[part * total + e];
+    const int64_t c = e % cols, q = (e / cols) % r, i = e / (cols * r);
+    out[i * out_stride_n + q * out_stride_q + c * out_stride_c] = from_acc<scalar_t>(acc);
   }
 }
 
