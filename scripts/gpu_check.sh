@@ -2,7 +2,7 @@
 # GPU validation in one go, for a machine with an NVIDIA GPU, nvcc and compute-sanitizer:
 #   build the CUDA extension, run the whole test suite (CUDA tests included), run the CUDA tests under
 #   compute-sanitizer memcheck (and racecheck on the small cases), then the GPU benchmarks (every kind in fp32, and
-#   the grouped grid again in bf16 and fp16).
+#   the grouped grid again in bf16 and fp16, and the one-adapter long-segment training step).
 # Everything lands in one folder (default bench/results/gpu-<date>): logs, junit XML, benchmark JSON + PNG and a
 # summary.txt with each stage's exit status and duration. Stages keep going after a failure; the exit status is
 # non-zero if any stage failed. Budget: about 20 minutes on an H100 (the stage timeouts are upper bounds).
@@ -47,6 +47,10 @@ stage bench 1200 $PY -m lora_ops.cli bench all --device cuda --out "$OUT"
 # it (compute capability >= 9.0) and % of the memory roofline; about a minute each (building the PEFT models).
 stage bench-bf16 300 $PY -m lora_ops.cli bench grouped --device cuda --dtype bf16 --out "$OUT"
 stage bench-fp16 300 $PY -m lora_ops.cli bench grouped --device cuda --dtype fp16 --out "$OUT"
+# Training with one adapter and many tokens (N = 1, T = 8192, 4096², r = 16): the backward's dA/dB segment
+# reduction, which used to walk all 8192 tokens serially in 32 blocks, now splits the segment over the grid.
+stage bench-train-long 300 $PY -m lora_ops.cli bench train --quick --device cuda --d 4096 --n 1 --tokens 8192 \
+  --rank 16 --dists same --out "$OUT/train-long"
 
 echo "results in $OUT"
 cat "$SUMMARY"
