@@ -7,7 +7,7 @@ import torch  # noqa: F401  (loads libtorch, which the compiled library links ag
 
 from lora_ops._variant import BASE_VERSION, check_installed_torch
 
-check_installed_torch()  # under another torch, loading _C would fail with an undefined-symbol error
+check_installed_torch()  # under another torch, _C fails with an undefined symbol or loads against an untested ABI
 
 from lora_ops import _C  # noqa: E402,F401  (registers torch.ops.lora_ops.*)
 from lora_ops.ops import arrow_prototypes, arrow_route, grouped_lora, merge_lowrank, randomized_svd  # noqa: E402

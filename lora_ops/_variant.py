@@ -4,7 +4,8 @@ A compiled torch extension only loads under the torch release it was built again
 also needs a CUDA torch of the same CUDA major version (libcudart soname). setup.py loads this file by path (the
 build has no compiled library to import yet), writes ``_build_info.py`` next to the library and, for a wheel, labels
 its version and pins torch with it. ``lora_ops/__init__.py`` calls ``check_installed_torch`` before loading the
-library, so a mismatch is an ImportError that says what to install instead of an undefined-symbol error.
+library, so a mismatch is an ImportError that says what to install instead of an undefined-symbol error (or a
+library that loads against an ABI it was not built for).
 
 Standard library only.
 """
