@@ -304,7 +304,9 @@ def write_plot(result: dict, out_dir) -> Path:
     ax.set_xticks([j + width for j in range(len(cs))], [c["case"]["name"] for c in cs], fontsize=7, rotation=20)
     ax.set_yscale("log")
     ax.set_ylabel("seconds per training step")
-    ax.set_title(f"{result['model']['source']}, {result['settings']['threads']} CPU threads", fontsize=9)
+    layers = f" ({result['model']['num_hidden_layers']} layers)" if "num_hidden_layers" in result["model"] else ""
+    ax.set_title(f"{result['model']['source']}{layers}, {result['settings']['threads']} CPU threads, "
+                 f"per-step seconds, PEFT/ops written on the bars", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
