@@ -78,7 +78,7 @@ def mismatch_message(version: str, built_torch: str, built_cuda: Optional[str], 
     which = f" (its CUDA {built_cuda.split('.')[0]} build)" if built_cuda else ""
     return (
         f"lora_ops {version} was built against {_describe(built_torch, built_cuda)}, but "
-        f"{_describe(torch_version, cuda_version)} is installed; its compiled library only loads under the torch it "
+        f"{_describe(torch_version, cuda_version)} is installed; its compiled library only works with the torch it "
         f"was built against. Either install that torch: pip install \"{torch_requirement(built_torch)}\"{which}, "
         f"or install lora_ops built for your torch: pip install --force-reinstall --no-deps "
         f"\"lora_ops=={wheel_version(torch_version, cuda_version)}\" (or build it from source: "
