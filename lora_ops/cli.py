@@ -9,7 +9,7 @@
     lora-ops bench all [--quick] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--out DIR]
     lora-ops merge ADAPTER_DIR... [--method svd] [--weights W...] [--rank R] --out DIR
 
-    lora-ops reproduce ilora|seeded-lora|moa|modular [--quick] [--data DIR] [--model DIR] [--out DIR]
+    lora-ops reproduce ilora|seeded-lora|moa|modular [--quick] [--real | --data DIR --model DIR] [--out DIR]
     lora-ops assets fetch|status [--cache-dir DIR] [--json]
     lora-ops eval --task bigbench:NAME|PATH/task.json [--model DIR] [--adapter PEFT_DIR] [--limit N] [--json]
     lora-ops train CONFIG [--resume] [--no-progress] [--threads N] [--device cpu|cuda]   (also under torchrun)
@@ -496,11 +496,16 @@ def _add_reproduce(commands) -> None:
                                         "PNG plots to --out. Runs unchanged under torchrun (DDP).")
     p.add_argument("recipe", choices=RECIPES)
     p.add_argument("--quick", action="store_true", help="small configuration (a few minutes on a laptop CPU)")
+    p.add_argument("--real", action="store_true",
+                   help="the real testbed: SmolLM2-135M-Instruct on the BIG-bench suite, from the assets cache "
+                        "(run `lora-ops assets fetch` first); --quick: about 10 min on 2 cores, else about an hour")
     p.add_argument("--data", metavar="DIR", help="folder with train/valid/test.jsonl (+ general.jsonl)")
     p.add_argument("--model", metavar="DIR", help="local causal LM folder (transformers); default: tiny Llama")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: results/<recipe>)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: results/<recipe>, with --real "
+                                                "results/<recipe>-real[-quick])")
     p.add_argument("--cache", metavar="DIR", help="where the pre-trained tiny base is cached (default: "
-                                                  "$LORA_OPS_CACHE or results/.cache)")
+                                                  "$LORA_OPS_CACHE or results/.cache); with --real: the assets "
+                                                  "cache (default: $LORA_OPS_CACHE or the user's cache folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, base and training (default: 0)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch intra-op threads (default: 1 for the tiny base, torch's choice with --model)")
@@ -515,6 +520,8 @@ def _reproduce(args) -> int:
 
     # The tiny base is far too small for intra-op threads to pay off; on a busy machine they make it many times
     # slower (threads spin while waiting for each other). Real models keep torch's default unless --threads.
+    if args.real:
+        return _reproduce_real(args)
     if args.threads or not args.model:
         torch.set_num_threads(args.threads or 1)
     for opt, path in (("--data", args.data), ("--model", args.model)):
@@ -537,6 +544,35 @@ def _reproduce(args) -> int:
     if rank() == 0:
         print(recipe.markdown(payload))
         print(f"wrote {os.path.join(out, 'results.json')}, results.md and plots")
+    return 0
+
+
+def _reproduce_real(args) -> int:
+    import torch
+
+    if args.data or args.model:
+        raise CliError("reproduce --real uses the fetched model and the BIG-bench suite: drop --data / --model")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suffix = "-real-quick" if args.quick else "-real"
+    out = _prepare_out_dir(args.out or os.path.join("results", args.recipe + suffix))
+    _require_extra("reproduce --real", "real", "peft", "transformers", "matplotlib", "tqdm", "gguf")
+    from lora_ops.recipes import real
+    from lora_ops.recipes.assets import AssetError
+
+    try:
+        payload = real.run(args.recipe, out, quick=args.quick, cache=args.cache, seed=args.seed,
+                           progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, AssetError) as e:
+        raise CliError(f"reproduce {args.recipe} --real: {e}", code=1) from None
+    import importlib
+
+    from lora_ops.recipes.train import rank
+
+    if rank() == 0:
+        recipe = importlib.import_module(f"lora_ops.recipes.{_RECIPE_MODULES[args.recipe]}")
+        print(recipe.markdown(payload))
+        print(f"wrote {os.path.join(out, 'results.json')}, results.md and plots ({payload['seconds']:.0f} s)")
     return 0
 
 

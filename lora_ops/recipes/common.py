@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Tuple
 
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from lora_ops.recipes import data as data_mod
 from lora_ops.recipes.model import TinyConfig, load_model, pretrained_base
 
-__all__ = ["Setup", "BaseSpec", "prepare"]
+__all__ = ["Setup", "BaseSpec", "prepare", "lora_config"]
 
 
 @dataclass
@@ -28,6 +29,9 @@ class BaseSpec:
     pretrain_steps: int = 1500
     pretrain_batch: int = 64
     max_len: int = 48
+    # LoRA placement and implementation for every adapter a recipe trains (train.LoRAConfig.layers / .backend)
+    lora_layers: Optional[Tuple[int, ...]] = None
+    lora_backend: str = "peft"
 
 
 @dataclass
@@ -62,3 +66,10 @@ def prepare(spec: BaseSpec, *, data_dir=None, model_dir=None, cache_dir=None, pr
     source = {"data": str(data_dir) if data_dir else f"synthetic(seed={spec.seed})",
               "model": str(model_dir) if model_dir else f"tiny-llama {spec.tiny}"}
     return Setup(ds, model, tok, max_len, source)
+
+
+def lora_config(spec: BaseSpec, r: int, alpha: float, dropout: float = 0.0):
+    """The LoRA of a recipe: rank, alpha and dropout from the recipe, placement and backend from ``spec``."""
+    from lora_ops.recipes.train import LoRAConfig
+
+    return LoRAConfig(r, alpha, dropout, layers=spec.lora_layers, backend=spec.lora_backend)

@@ -71,6 +71,12 @@ def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, m
         by_task[e.task].append(e)
     result = {}
     for task, exs in sorted(by_task.items()):
+        if all(e.choices for e in exs):
+            result[task] = _grade(exs, _choice_scores(model, tok, exs, batch_size=max(1, batch_size // 8),
+                                                      max_len=max_len) if forward is None else
+                                  _choice_scores_by_rows(model, tok, exs, forward, batch_size=max(1, batch_size // 4),
+                                                         max_len=max_len))
+            continue
         correct, ce_sum, tokens = 0, 0.0, 0
         for i in range(0, len(exs), batch_size):
             chunk = exs[i:i + batch_size]
@@ -86,10 +92,42 @@ def evaluate(model, tok, examples: Sequence[Example], *, batch_size: int = 64, m
             hit = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask[:, 1:]
             correct += int(hit.all(-1).sum())
         result[task] = {"acc": correct / len(exs), "loss": ce_sum / max(1, tokens), "n": len(exs)}
-        if forward is None and all(e.choices for e in exs):
-            mc = evaluate_choices(model, tok, exs, batch_size=max(1, batch_size // 8), max_len=max_len)[task]
-            result[task].update(acc=mc["acc"], se=mc["se"], exact=correct / len(exs))
     return result
+
+
+def _grade(exs: Sequence[Example], scored: List[List[Tuple[float, int, bool]]]) -> dict:
+    """One multiple-choice task's ``acc`` (multiple_choice_grade), ``se``, ``loss`` (answer token-mean CE: the
+    correct choice's), ``exact`` (greedy decoding gives the correct choice) and ``n`` from per-choice scores."""
+    hits, ce, tokens, exact = 0, 0.0, 0, 0
+    for e, sc in zip(exs, scored):
+        best = max(range(len(sc)), key=lambda j: sc[j][0])  # ties: the first listed choice
+        hits += int(e.choices[best] == e.answer)
+        lp, n, greedy_hit = sc[e.choices.index(e.answer)]
+        ce, tokens, exact = ce - lp, tokens + n, exact + int(greedy_hit)
+    acc = hits / len(exs)
+    return {"acc": acc, "se": math.sqrt(acc * (1 - acc) / len(exs)), "loss": ce / max(1, tokens),
+            "exact": exact / len(exs), "n": len(exs)}
+
+
+@torch.no_grad()
+def _choice_scores_by_rows(model, tok, exs: Sequence[Example], forward: Callable, *, batch_size: int, max_len: int
+                           ) -> List[List[Tuple[float, int, bool]]]:
+    """Per-choice ``(log-likelihood, tokens, greedy hit)`` from one teacher-forced row per (example, choice)
+    through ``forward`` (for models routed from their rows, e.g. MoA; no KV cache sharing)."""
+    rows = [encode_example(tok, Example(e.task, e.prompt, c, e.domain, e.choices), max_len)
+            for e in exs for c in e.choices]
+    lps, hits = [], []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        ids, mask, att = collate(chunk, 0)
+        logits = forward(model, chunk, ids, mask, att)
+        lps += (-token_ce(logits, ids, mask).sum(-1)).tolist()
+        hits += ((logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~mask[:, 1:]).all(-1).tolist()
+    out, k = [], 0
+    for e in exs:
+        out.append([(lps[k + j], sum(rows[k + j]["loss"]), bool(hits[k + j])) for j in range(len(e.choices))])
+        k += len(e.choices)
+    return out
 
 
 @torch.no_grad()
@@ -112,10 +150,19 @@ def mean_accuracy(result: Dict[str, dict], tasks: Sequence[str]) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # multiple choice
 
-@torch.no_grad()
 def choice_logprobs(model, tok, examples: Sequence[Example], *, batch_size: int = 8, max_len: int = 1024
                     ) -> List[List[Tuple[float, int]]]:
-    """``[[(log p(choice + end-of-text | prompt), token count) for each choice] for each example]``.
+    """``[[(log p(choice + end-of-text | prompt), token count) for each choice] for each example]``; see
+    :func:`_choice_scores`."""
+    return [[(lp, n) for lp, n, _ in sc] for sc in _choice_scores(model, tok, examples, batch_size=batch_size,
+                                                                   max_len=max_len)]
+
+
+@torch.no_grad()
+def _choice_scores(model, tok, examples: Sequence[Example], *, batch_size: int = 8, max_len: int = 1024
+                   ) -> List[List[Tuple[float, int, bool]]]:
+    """``[[(log p(choice + end-of-text | prompt), token count, greedy hit) for each choice] for each example]``
+    (greedy hit: every token of the choice and the end-of-text is the arg-max given its prefix).
 
     The prompt is read once per example: a batch of prompts (left padded) runs with the KV cache on, the cache
     rows are repeated once per choice, and all choices of the batch run in one second pass on top of it. A choice
@@ -128,7 +175,7 @@ def choice_logprobs(model, tok, examples: Sequence[Example], *, batch_size: int 
     params = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward)
     cache_kw = "cache" if "cache" in params.parameters else "past_key_values"
     kw_last = {"logits_to_keep": 1} if "logits_to_keep" in params.parameters else {}
-    out: List[List[Tuple[float, int]]] = []
+    out: List[List[Tuple[float, int, bool]]] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         conts = [[tok.encode(c) + [tok.eos_id] for c in e.choices] for e in chunk]
@@ -162,9 +209,12 @@ def choice_logprobs(model, tok, examples: Sequence[Example], *, batch_size: int 
         token_lp = torch.cat([last[idx].gather(1, cids[:, :1]), logits[:, :-1].gather(2, cids[:, 1:, None])[..., 0]],
                              1) * cmask
         totals = token_lp.sum(1).tolist()
+        greedy = torch.cat([last[idx].argmax(-1, keepdim=True) == cids[:, :1],
+                            logits[:, :-1].argmax(-1) == cids[:, 1:]], 1) | ~cmask.bool()
+        hits = greedy.all(1).tolist()
         k = 0
         for c in conts:
-            out.append([(totals[k + j], len(c[j])) for j in range(len(c))])
+            out.append([(totals[k + j], len(c[j]), bool(hits[k + j])) for j in range(len(c))])
             k += len(c)
     return out
 

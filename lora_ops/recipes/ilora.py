@@ -38,7 +38,7 @@ from lora_ops.recipes import data as data_mod
 from lora_ops.recipes import eval as ev
 from lora_ops.recipes import results as res
 from lora_ops.recipes import train
-from lora_ops.recipes.common import BaseSpec, prepare
+from lora_ops.recipes.common import BaseSpec, lora_config, prepare
 from lora_ops.recipes.model import TinyConfig
 
 __all__ = ["ILoRAConfig", "quick_config", "routing_loss", "energy_truncate", "max_by_magnitude", "iterative_max",
@@ -80,6 +80,21 @@ def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def _capture_lora_outputs(raw, captured: List[torch.Tensor]) -> list:
+    """Forward hooks that append ``‖scale·B·A·h‖²`` per token of every adapted layer to ``captured``."""
+    if isinstance(raw, train.LoRAModel):
+        def hook(m, args, _out):
+            a, b, s = m.bank.adapter(0)
+            captured.append(((s * ((args[0].float() @ a.T) @ b.T)) ** 2).sum(-1))
+        return [m.register_forward_hook(hook) for m in raw.lora_layers()]
+    handles = []
+    for layer in _lora_layers(raw):
+        scale = layer.scaling["default"]
+        handles.append(layer.lora_B["default"].register_forward_hook(
+            lambda _m, _i, out, s=scale: captured.append(((out.float() * s) ** 2).sum(-1))))
+    return handles
+
+
 def kl_base_lora(base_logits: torch.Tensor, lora_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over masked positions of ``KL(p_base ‖ p_lora)``; logits ``[B, L, V]``, mask ``[B, L]``."""
     lp_base = F.log_softmax(base_logits.float(), -1)
@@ -104,19 +119,25 @@ def routing_loss(model, mine: Dict[str, List[dict]], everyone: Dict[str, List[di
     is_gen[n_task:] = True
     gen_tokens_mask = att.bool() & is_gen  # every real token of a general row
     captured: List[torch.Tensor] = []
-    handles = []
-    if e3:
-        for layer in _lora_layers(raw):
-            scale = layer.scaling["default"]
-            handles.append(layer.lora_B["default"].register_forward_hook(
-                lambda _m, _i, out, s=scale: captured.append(((out.float() * s) ** 2).sum(-1))))
+    handles = _capture_lora_outputs(raw, captured) if e3 else []
+    parts = train.decoder_and_head(model)  # real models: the LM head only where a loss needs it
     try:
-        logits = model(input_ids=ids, attention_mask=att).logits
+        if parts is None:
+            logits = model(input_ids=ids, attention_mask=att).logits
+        else:
+            hidden = parts[0](input_ids=ids, attention_mask=att).last_hidden_state
     finally:
         for h in handles:
             h.remove()
     task_tokens = max(1, sum(sum(r["loss"][1:]) for r in everyone["task"]))
-    ce = train.token_ce(logits[:n_task], ids[:n_task], mask[:n_task]).sum() / task_tokens
+    if parts is None:
+        ce = train.token_ce(logits[:n_task], ids[:n_task], mask[:n_task]).sum() / task_tokens
+        gen_logits = logits[n_task:]
+    else:
+        keep = mask[:n_task, 1:]
+        task_logits = parts[1](hidden[:n_task, :-1][keep]).float()
+        ce = F.cross_entropy(task_logits, ids[:n_task, 1:][keep], reduction="sum") / task_tokens
+        gen_logits = parts[1](hidden[n_task:]) if len(gen_rows) else None
     total = e1 * ce
     stats = {"ce": ce.detach()}
     gen_all = everyone.get("general", [])
@@ -124,7 +145,7 @@ def routing_loss(model, mine: Dict[str, List[dict]], everyone: Dict[str, List[di
     if gen_all and e2:
         with torch.no_grad(), raw.disable_adapter():
             base_logits = raw(input_ids=ids[n_task:], attention_mask=att[n_task:]).logits
-        kl = kl_base_lora(base_logits, logits[n_task:], gen_tokens_mask[n_task:].float()) / gen_tokens
+        kl = kl_base_lora(base_logits, gen_logits, gen_tokens_mask[n_task:].float()) / gen_tokens
         total = total + e2 * kl
         stats["kl"] = kl.detach()
     if gen_all and e3:
@@ -203,7 +224,7 @@ def _train_task_adapters(setup, cfg: ILoRAConfig, tasks, eps, out: Path, tag: st
             return [gen_rows[j] for j in torch.randint(len(gen_rows), (cfg.general_batch,), generator=gen).tolist()]
 
         use_general = bool(eps[1] or eps[2])
-        state, log = train.train_lora(setup.model, setup.tok, exs, tcfg, train.LoRAConfig(cfg.r, cfg.alpha),
+        state, log = train.train_lora(setup.model, setup.tok, exs, tcfg, lora_config(cfg.base, cfg.r, cfg.alpha),
                                       max_len=setup.max_len, loss_fn=functools.partial(routing_loss, eps=eps),
                                       extra_rows=extra if use_general else None,
                                       save_to=out / "adapters" / tag / task, progress=progress,

@@ -39,7 +39,7 @@ from lora_ops.recipes import adapters as ad
 from lora_ops.recipes import eval as ev
 from lora_ops.recipes import results as res
 from lora_ops.recipes import train
-from lora_ops.recipes.common import BaseSpec, prepare
+from lora_ops.recipes.common import BaseSpec, lora_config, prepare
 from lora_ops.recipes.model import TinyConfig
 
 __all__ = ["MoAConfig", "VARIANTS", "INFERENCE_MODES", "quick_config", "build_moa_model", "moa_loss",
@@ -139,9 +139,9 @@ def moa_loss(model, mine: Dict[str, List[dict]], everyone: Dict[str, List[dict]]
     forced = labels if routing_mode == "gold" else None
     mode = "soft" if routing_mode == "soft" else None
     with routing.moa_state(raw, pool_mask=_prompt_mask(mask, att), forced_ids=forced, mode=mode) as routers:
-        logits = model(input_ids=ids, attention_mask=att).logits
+        ce_sum = train.answer_ce_sum(model, ids, mask, att)
     tokens = max(1, sum(sum(r["loss"][1:]) for r in everyone["task"]))
-    lm = train.token_ce(logits, ids, mask).sum() / tokens
+    lm = ce_sum / tokens
     total, stats = lm, {"lm": lm.detach()}
     if eta:
         cls = routing.moa_router_loss(routers, labels, reduction="sum") / len(everyone["task"])
@@ -285,7 +285,7 @@ def run(cfg: MoAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=Non
     def fit_lora(examples, steps, tag):
         tcfg = train.TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=steps // 10,
                                  seed=cfg.seed + 1000 * next(counter), desc=tag)
-        state, log = train.train_lora(base, tok, examples, tcfg, train.LoRAConfig(cfg.r, cfg.alpha),
+        state, log = train.train_lora(base, tok, examples, tcfg, lora_config(cfg.base, cfg.r, cfg.alpha),
                                       max_len=setup.max_len, save_to=out / "adapters" / tag, progress=progress)
         return state, log
 

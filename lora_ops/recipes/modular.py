@@ -44,7 +44,7 @@ from lora_ops.recipes import adapters as ad
 from lora_ops.recipes import eval as ev
 from lora_ops.recipes import results as res
 from lora_ops.recipes import train
-from lora_ops.recipes.common import BaseSpec, prepare
+from lora_ops.recipes.common import BaseSpec, lora_config, prepare
 from lora_ops.recipes.data import Example
 from lora_ops.recipes.model import TinyConfig
 
@@ -285,7 +285,7 @@ def run(cfg: ModularConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir
     held_out = data.held_out_tasks
     dom = {e.task: (e.domain or e.task) for e in data.train + data.test}
     test = [e for e in data.test if e.task in tasks or e.task in held_out]
-    lcfg = train.LoRAConfig(cfg.r, cfg.alpha, cfg.dropout)
+    lcfg = lora_config(cfg.base, cfg.r, cfg.alpha, cfg.dropout)
     scale = cfg.alpha / cfg.r
     init = train.lora_state_dict(train.add_lora(base, lcfg, cfg.seed)) if cfg.same_init else None
     train_final: Dict[str, dict] = {}

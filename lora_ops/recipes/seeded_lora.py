@@ -31,7 +31,7 @@ from lora_ops.recipes import adapters as ad
 from lora_ops.recipes import eval as ev
 from lora_ops.recipes import results as res
 from lora_ops.recipes import train
-from lora_ops.recipes.common import BaseSpec, prepare
+from lora_ops.recipes.common import BaseSpec, lora_config, prepare
 from lora_ops.recipes.data import Example
 from lora_ops.recipes.model import TinyConfig
 
@@ -105,7 +105,7 @@ def run(cfg: SeededConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=
     domains = sorted({dom[t] for t in tasks})
     held_out = data.held_out_tasks
     test = [e for e in data.test if e.task in tasks or e.task in held_out]
-    lcfg = train.LoRAConfig(cfg.r, cfg.alpha)
+    lcfg = lora_config(cfg.base, cfg.r, cfg.alpha)
     scale = cfg.alpha / cfg.r
     counter = iter(range(10_000))
 

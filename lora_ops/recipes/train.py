@@ -6,17 +6,30 @@ count over the *global* batch (tokens or rows), times ``world`` because DDP aver
 therefore the single-process gradient of the same global batch, up to float summation order (the test checks
 2 processes against 1).
 
-LoRA adapters are PEFT modules (``peft.get_peft_model``) on a private copy of the base; checkpoints are PEFT
-adapter folders written atomically through ``lora_ops._io``.
+LoRA adapters are PEFT modules (``peft.get_peft_model``) on a private copy of the base, or (``LoRAConfig.backend =
+"lora_ops"``, the real testbed's choice) ``lora_ops.nn.MultiLoRALinear`` layers holding one trainable adapter each,
+so the forward and backward go through ``grouped_lora``. Either way the adapter's state dict uses PEFT's keys and
+checkpoints are PEFT adapter folders written atomically through ``lora_ops._io``.
+
+Two switches for real models (both off by default, so the tiny testbed's numbers do not move):
+:func:`answer_head_only` computes the LM head only at answer positions during training (the vocabulary projection
+of every prompt position is most of a step's head cost and none of its loss), and :func:`adapter_cache` keeps
+trained adapters in a folder keyed by a hash of everything that determines them, so recipes that train the same
+LoRA share it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import hashlib
+import json
 import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,7 +41,35 @@ from lora_ops.recipes.data import SEP, Example
 
 __all__ = ["TrainConfig", "LoRAConfig", "fit", "lm_loss", "encode_text", "encode_example", "collate",
            "add_lora", "lora_state_dict", "save_lora", "train_lora", "rank", "world", "barrier",
-           "init_distributed", "token_ce", "lr_factor", "prompt_ids"]
+           "init_distributed", "token_ce", "lr_factor", "prompt_ids", "answer_ce_sum", "answer_head_only",
+           "adapter_cache", "LoRAModel"]
+
+_ANSWER_ONLY = False
+_ADAPTER_CACHE: Optional[dict] = None  # {"dir": Path, "salt": str} while adapter_cache() is active
+
+
+@contextlib.contextmanager
+def answer_head_only(enabled: bool = True):
+    """Within the block, training losses apply the LM head to answer positions only (same loss up to rounding)."""
+    global _ANSWER_ONLY
+    saved, _ANSWER_ONLY = _ANSWER_ONLY, enabled
+    try:
+        yield
+    finally:
+        _ANSWER_ONLY = saved
+
+
+@contextlib.contextmanager
+def adapter_cache(folder, salt: str):
+    """Within the block, :func:`train_lora` reuses adapters from ``folder`` (``salt`` names the base model, e.g.
+    its weights' checksum); adapters trained with a custom loss or extra rows are cached only if the loss is a
+    ``functools.partial`` of a named function (its name and arguments enter the key)."""
+    global _ADAPTER_CACHE
+    saved, _ADAPTER_CACHE = _ADAPTER_CACHE, {"dir": Path(folder), "salt": salt}
+    try:
+        yield
+    finally:
+        _ADAPTER_CACHE = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,9 +158,40 @@ def lm_loss(model, mine: Dict[str, List[dict]], everyone: Dict[str, List[dict]],
     Task rows carry their loss mask on the answer, general-text rows on every token, so one function serves both.
     """
     ids, mask, att = collate(mine[key], 0)  # padding is masked out of attention and loss: its id is irrelevant
-    logits = model(input_ids=ids, attention_mask=att).logits
-    total = token_ce(logits, ids, mask).sum() / _loss_tokens(everyone[key])
+    total = answer_ce_sum(model, ids, mask, att) / _loss_tokens(everyone[key])
     return total, {"ce": total.detach()}
+
+
+def _causal_lm(model):
+    """The transformers causal LM inside a PEFT / LoRAModel wrapper; None under DDP (its forward must be called)."""
+    if hasattr(model, "module") and not isinstance(model, LoRAModel):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (hasattr(inner, "get_decoder") and hasattr(inner, "get_output_embeddings")):
+        return None
+    return inner
+
+
+def decoder_and_head(model):
+    """(decoder, LM head) of the model when :func:`answer_head_only` is on and they can be called apart; else
+    None (then call the model itself)."""
+    inner = _causal_lm(model) if _ANSWER_ONLY else None
+    return None if inner is None else (inner.get_decoder(), inner.get_output_embeddings())
+
+
+def answer_ce_sum(model, ids: torch.Tensor, mask: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropy over the positions ``mask[:, 1:]`` marks (``token_ce(...).sum()``).
+
+    Under :func:`answer_head_only` (and outside DDP) the decoder's last hidden states are gathered at those
+    positions first and only they go through the LM head: the same value up to float rounding.
+    """
+    parts = decoder_and_head(model)
+    if parts is None:
+        return token_ce(model(input_ids=ids, attention_mask=att).logits, ids, mask).sum()
+    hidden = parts[0](input_ids=ids, attention_mask=att).last_hidden_state
+    keep = mask[:, 1:]
+    logits = parts[1](hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="sum")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,16 +298,92 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0  # PEFT lora_dropout on the LoRA input during training (the Modular LLMs paper: 0.05)
     targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # decoder layers that get adapters (None: all). Adapting only the top layers of a deep model means the
+    # backward stops there: on a CPU that is most of a training step saved.
+    layers: Optional[Tuple[int, ...]] = None
+    backend: str = "peft"  # peft | lora_ops (MultiLoRALinear / grouped_lora)
+
+
+class _OneAdapter:
+    """Router of a one-adapter ``MultiLoRALinear``: adapter 0 on every token (-1, the base, while disabled)."""
+
+    def __init__(self):
+        self.id = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full(x.shape[:-1], self.id, dtype=torch.int64, device=x.device)
+
+
+class LoRAModel(torch.nn.Module):
+    """A causal LM whose targeted Linears are ``lora_ops.nn.MultiLoRALinear`` with one trainable adapter
+    (``"default"``, on every token), with the bits of PEFT's interface the recipes use."""
+
+    def __init__(self, lm: torch.nn.Module, scale: float, router: _OneAdapter):
+        super().__init__()
+        self.lm = lm
+        self.scale = scale
+        self._router = router
+
+    def forward(self, *args, **kwargs):
+        return self.lm(*args, **kwargs)
+
+    def get_base_model(self):
+        return self.lm
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        saved, self._router.id = self._router.id, -1
+        try:
+            yield
+        finally:
+            self._router.id = saved
+
+    def lora_layers(self):
+        from lora_ops import nn as lnn
+
+        return list(lnn.multi_lora_layers(self.lm))
+
+
+def _targeted(name: str, lcfg: LoRAConfig) -> bool:
+    if not any(name == t or name.endswith("." + t) for t in lcfg.targets):
+        return False
+    if lcfg.layers is None:
+        return True
+    parts = name.split(".")
+    idx = [int(parts[i + 1]) for i in range(len(parts) - 1) if parts[i] == "layers" and parts[i + 1].isdigit()]
+    return bool(idx) and idx[0] in lcfg.layers
+
+
+def _lora_ops_model(base, lcfg: LoRAConfig) -> LoRAModel:
+    from lora_ops import nn as lnn
+
+    lm = copy.deepcopy(base)
+    banks = {name: lnn.AdapterBank.new(m, ["default"], lcfg.r, lcfg.alpha)
+             for name, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and _targeted(name, lcfg)}
+    if not banks:
+        raise ValueError(f"LoRAConfig: targets {lcfg.targets} / layers {lcfg.layers} match no Linear of the model")
+    router = _OneAdapter()
+    lnn.wrap(lm, banks, lora_dropout=lcfg.dropout, router=router)
+    return LoRAModel(lm, lcfg.alpha / lcfg.r, router)
 
 
 def add_lora(base: torch.nn.Module, lcfg: LoRAConfig, seed: int, init: Optional[Dict[str, torch.Tensor]] = None):
-    """A PEFT model around a private copy of ``base`` with one fresh adapter (seeded), or one loaded from ``init``."""
+    """A model around a private copy of ``base`` with one fresh adapter (seeded), or one loaded from ``init``
+    (a PEFT state dict): a PEFT model, or a :class:`LoRAModel` for ``backend="lora_ops"``."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     if not 0.0 <= lcfg.dropout < 1.0:
         raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {lcfg.dropout!r}")
+    if lcfg.backend not in ("peft", "lora_ops"):
+        raise ValueError(f"LoRAConfig.backend must be 'peft' or 'lora_ops', got {lcfg.backend!r}")
     torch.manual_seed(seed)  # PEFT initialises A from the global generator (and dropout draws from it)
+    if lcfg.backend == "lora_ops":
+        model = _lora_ops_model(base, lcfg)
+        if init is not None:
+            _load_lora_ops(model, init)
+        return model
     config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, target_modules=list(lcfg.targets),
+                        layers_to_transform=list(lcfg.layers) if lcfg.layers is not None else None,
                         lora_dropout=lcfg.dropout, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(copy.deepcopy(base), config)
     if init is not None:
@@ -245,18 +393,55 @@ def add_lora(base: torch.nn.Module, lcfg: LoRAConfig, seed: int, init: Optional[
     return model
 
 
-def lora_state_dict(peft_model) -> Dict[str, torch.Tensor]:
+def _peft_key(name: str, which: str) -> str:
+    return f"base_model.model.{name}.lora_{which}.weight"
+
+
+def _load_lora_ops(model: LoRAModel, state: Dict[str, torch.Tensor]) -> None:
+    from lora_ops import nn as lnn
+
+    with torch.no_grad():
+        for name, m in model.lm.named_modules():
+            if isinstance(m, lnn.MultiLoRALinear):
+                key = _peft_key(name, "A")
+                if key not in state:
+                    raise ValueError(f"add_lora: init lacks {key}")
+                m.bank.lora_a[0].copy_(state[key])
+                m.bank.lora_b[0].copy_(state[_peft_key(name, "B")])
+
+
+def lora_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The adapter's factors under PEFT's keys (``base_model.model.<module>.lora_A.weight`` / ``lora_B``)."""
+    if isinstance(model, LoRAModel):
+        from lora_ops import nn as lnn
+
+        out = {}
+        for name, m in model.lm.named_modules():
+            if isinstance(m, lnn.MultiLoRALinear):
+                out[_peft_key(name, "A")] = m.bank.lora_a[0].detach().clone()
+                out[_peft_key(name, "B")] = m.bank.lora_b[0].detach().clone()
+        return out
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _peft_config(model, lcfg: Optional[LoRAConfig] = None) -> dict:
+    if isinstance(model, LoRAModel):
+        names = sorted({k[len("base_model.model."):-len(".lora_A.weight")].rsplit(".", 1)[1]
+                        for k in lora_state_dict(model) if k.endswith("lora_A.weight")})
+        r = next(m.bank.rank for m in model.lora_layers())
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": model.scale * r,
+                "target_modules": names, "bias": "none", "lora_dropout": 0.0,
+                "layers_to_transform": None if lcfg is None or lcfg.layers is None else list(lcfg.layers)}
+    config = model.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
 def save_lora(peft_model, path) -> None:
     """PEFT adapter folder (adapter_model.safetensors + adapter_config.json), written atomically by rank 0."""
     if rank() == 0:
-        config = peft_model.peft_config["default"].to_dict()
-        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-        write_peft_adapter_dir(path, lora_state_dict(peft_model), config)
+        write_peft_adapter_dir(path, lora_state_dict(peft_model), _peft_config(peft_model))
     barrier()
 
 
@@ -272,6 +457,15 @@ def train_lora(base, tok, examples: Sequence[Example], cfg: TrainConfig, lcfg: L
     """
     if not examples:
         raise ValueError("train_lora: no training examples")
+    key = _cache_key(examples, cfg, lcfg, max_len, init, loss_fn, extra_rows)
+    cached = _cache_load(key)
+    if cached is not None:
+        state, log = cached
+        if save_to is not None and rank() == 0:
+            model = add_lora(base, lcfg, cfg.seed, state)
+            write_peft_adapter_dir(save_to, state, _peft_config(model))
+        barrier()
+        return state, log
     model = add_lora(base, lcfg, cfg.seed, init)
     rows = [encode_example(tok, e, max_len) for e in examples]
 
@@ -292,4 +486,59 @@ def train_lora(base, tok, examples: Sequence[Example], cfg: TrainConfig, lcfg: L
     log = fit(model, trainable, make_batch, fn, cfg, eval_fn=eval_fn, progress=progress)
     if save_to is not None:
         save_lora(model, save_to)
-    return lora_state_dict(model), log
+    state = lora_state_dict(model)
+    _cache_store(key, state, log)
+    return state, log
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the adapter cache (see adapter_cache)
+
+def _cache_key(examples, cfg: TrainConfig, lcfg: LoRAConfig, max_len: int, init, loss_fn, extra_rows
+               ) -> Optional[str]:
+    """A hash of everything that determines a trained adapter, or None when it cannot be known (no cache, a
+    custom loss that is not a partial of a named function, extra rows drawn by a closure)."""
+    if _ADAPTER_CACHE is None or extra_rows is not None or world() > 1:
+        return None
+    if loss_fn is None:
+        loss = "lm_loss"
+    elif isinstance(loss_fn, functools.partial) and not loss_fn.args:
+        loss = [loss_fn.func.__module__, loss_fn.func.__qualname__, sorted(loss_fn.keywords.items())]
+    else:
+        return None
+    h = hashlib.sha256()
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("desc", "eval_every")}
+    h.update(json.dumps({"salt": _ADAPTER_CACHE["salt"], "train": settings, "lora": vars(lcfg), "max_len": max_len,
+                         "loss": loss, "v": 1}, sort_keys=True, default=str).encode())
+    for e in examples:
+        h.update(json.dumps([e.task, e.prompt, e.answer]).encode() + b"\n")
+    for k in sorted(init or {}):
+        h.update(k.encode() + init[k].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _cache_load(key: Optional[str]):
+    if key is None:
+        return None
+    folder = _ADAPTER_CACHE["dir"] / f"lora-{key}"
+    if not (folder / "log.json").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter.safetensors")), json.loads((folder / "log.json").read_text())
+
+
+def _cache_store(key: Optional[str], state: Dict[str, torch.Tensor], log: List[dict]) -> None:
+    if key is None or rank() != 0:
+        return
+    from safetensors.torch import save_file
+
+    from lora_ops._io import atomic_write_dir
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter.safetensors"))
+        (tmp / "log.json").write_text(json.dumps(log, default=float))
+
+    folder = _ADAPTER_CACHE["dir"] / f"lora-{key}"
+    if not folder.exists():
+        atomic_write_dir(folder, fill)
