@@ -2,7 +2,7 @@
 
     lora-ops bench grouped [--quick] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--out DIR] [--threads N]
     lora-ops bench arrow [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
-    lora-ops bench model [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+    lora-ops bench model [--quick] [--model DIR] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench train [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
     lora-ops bench train-many [--quick] [--model DIR] [--out DIR] [--threads N]
     lora-ops bench merge [--quick] | lora-ops bench svd [--quick] [--device cpu|cuda]
@@ -39,7 +39,8 @@ DTYPE_KINDS = ("grouped",)  # the kinds that take --dtype other than fp32
 CPU_ONLY_KINDS = {"merge": "PEFT's merge is timed on the CPU"}  # bench all --device cuda leaves these out
 KIND_HELP = {"grouped": "grouped LoRA on a mixed-adapter batch: PEFT, torch composites and lora_ops",
              "arrow": "Arrow routing over a LoRA library: PEFT's Arrow, all-experts einsum and lora_ops",
-             "model": "whole Llama forward on a mixed-adapter batch: PEFT adapter_names vs accelerate / wrap",
+             "model": "whole model (SmolLM2-135M, hidden-1024 Llama): prefill, generate, training step; PEFT "
+                      "adapter_names vs accelerate / wrap",
              "merge": "PEFT add_weighted_adapter(svd) vs lora_ops merge_lowrank (one layer, tiny Llama)",
              "svd": "lora_ops.randomized_svd vs torch.svd_lowrank on a batch of matrices",
              "train": "training step (fwd + bwd) of one layer with many adapters: torch composites and lora_ops",
@@ -246,9 +247,15 @@ def _bench_arrow(args) -> int:
 
 
 def _add_model_sizing(p: argparse.ArgumentParser) -> None:
-    hide = argparse.SUPPRESS  # testing knobs: the published case is fixed by --quick
-    for flag in ("--hidden", "--layers", "--intermediate", "--vocab", "--adapters", "--rank", "--seqs", "--seq-len",
-                 "--reps"):
+    from lora_ops.benchmarks import model
+
+    p.add_argument("--model", metavar="DIR", help="local SmolLM2-135M folder (default: the fetched assets' one when "
+                                                 "present, else a random Llama of its config)")
+    hide = argparse.SUPPRESS  # testing knobs: the published cases are fixed by --quick
+    p.add_argument("--models", nargs="+", choices=tuple(model.MODELS), help=hide)
+    p.add_argument("--workloads", nargs="+", choices=model.WORKLOADS, help=hide)
+    p.add_argument("--adapters", type=_positive_int, nargs="+", help=hide)
+    for flag in ("--rank", "--seqs", "--seq-len", "--new-tokens", "--pairs"):
         p.add_argument(flag, type=_positive_int, help=hide)
     p.add_argument("--warmup", type=int, help=hide)
 
@@ -256,11 +263,14 @@ def _add_model_sizing(p: argparse.ArgumentParser) -> None:
 def _bench_model(args) -> int:
     from lora_ops.benchmarks import model
 
-    sizing = {k: getattr(args, k) for k in ("hidden", "layers", "intermediate") if getattr(args, k)}
-    sizing.update({k: v for k, v in (("vocab", args.vocab), ("n_adapters", args.adapters), ("rank", args.rank),
-                                     ("seqs", args.seqs), ("seq_len", args.seq_len)) if v})
-    return _run_bench(args, "model", model, sizing, default_reps=18, default_warmup=2,  # 6 rounds of 3
-                      needs=("peft", "transformers"))
+    if args.model and not os.path.isdir(args.model):
+        raise CliError(f"--model {args.model}: not a folder")
+    sizing = {k: v for k, v in (("models", args.models), ("workloads", args.workloads),
+                                ("n_adapters", args.adapters), ("rank", args.rank), ("seqs", args.seqs),
+                                ("seq_len", args.seq_len), ("new_tokens", args.new_tokens)) if v}
+    # warm-up: the output checks before timing already run every method once
+    return _run_bench(args, "model", model, sizing, default_reps=args.pairs, default_warmup=0,
+                      needs=("peft", "transformers"), run_kwargs=dict(model_dir=args.model))
 
 
 # ----- merge: `lora-ops merge ADAPTER_DIR... --method svd --weights ... --rank 16 --out DIR` and the merge / svd

@@ -140,24 +140,6 @@ def test_adapter_id_distributions():
         grouped.adapter_ids("gaussian", 4, 2)
 
 
-@needs_bench_extras
-def test_bench_model_writes_table_json_and_png(tmp_path, capsys):
-    pytest.importorskip("transformers")
-    tiny = ["--hidden", "64", "--layers", "1", "--intermediate", "96", "--vocab", "64", "--adapters", "3",
-            "--rank", "2", "--seqs", "3", "--seq-len", "4", "--reps", "1", "--warmup", "0", "--threads", "1"]
-    assert main(["bench", "model", "--out", str(tmp_path), *tiny]) == 0
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].startswith("model-cpu-") and files[1].endswith(".png"), files
-    result = json.loads((tmp_path / files[0]).read_text())
-    (case,) = result["cases"]
-    assert case["case"]["name"] == "llama-h64-L1-N3-r2-3x4"
-    assert set(case["timings"]) == {"base", "peft", "accelerated", "wrapped"}
-    assert case["check"]["accelerated"] <= 1e-4 and case["check"]["wrapped"] <= 1e-4
-    assert case["check"]["adapters_change_output"] > 1e-4
-    assert "peft/accelerated" in case["ratios"]
-    assert "+accel" in capsys.readouterr().out
-
-
 def test_bench_all_runs_every_implemented_kind(monkeypatch, tmp_path):
     from lora_ops import cli
 
