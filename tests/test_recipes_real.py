@@ -124,17 +124,18 @@ def test_reproduce_ilora_real_quick_cli(real_cache, tmp_path, capsys):
     assert cli.main(["reproduce", "ilora", "--real", "--quick", "--cache", str(real_cache), "--out", str(out),
                      "--no-progress", "--threads", "1"]) == 0
     p = json.loads((out / "results.json").read_text())
-    assert p["real"]["tasks"] == list(real.QUICK_TASKS) and p["real"]["split_seed"] == 0
+    tasks = list(real.real_spec("ilora", quick=True).tasks)
+    assert p["real"]["tasks"] == tasks and p["real"]["split_seed"] == 0
     info = json.loads((assets.model_dir(real_cache) / assets.ASSET_INFO).read_text())
     assert p["real"]["model_sha256"] == info["weights"]["model.safetensors"]
     assert p["real"]["lora_backend"] == "lora_ops" and p["config"]["base"]["lora_backend"] == "lora_ops"
-    assert set(p["base"]["per_task"]) == set(real.QUICK_TASKS)
-    assert all(v["n"] == 40 and "se" in v for v in p["base"]["per_task"].values())
+    assert set(p["base"]["per_task"]) == set(tasks)
+    assert all(v["n"] == 20 and "se" in v for v in p["base"]["per_task"].values())
     assert str(real_cache) not in (out / "results.json").read_text()  # no local paths in the results
     assert (out / "results.md").is_file() and (out / "single_task.png").is_file()
     # the plain-CE task adapters went into the cache (the routing-tuned ones draw general rows: not cached)
     cached = [p.name for p in (real_cache / "adapters").iterdir() if p.name.startswith("lora-")]
-    assert len(cached) == len(real.QUICK_TASKS)
+    assert len(cached) == len(tasks)
     data = {p.name for p in (real_cache / "data").iterdir()}
     assert any(n.startswith("real-") for n in data)
     assert cli.main(["reproduce", "ilora", "--real", "--data", str(tmp_path)]) == 2
@@ -148,6 +149,7 @@ SMALL = {"ilora": {"steps": 2, "sweep": ((0.8, 8),), "n_general_eval": 4},
 
 @pytest.mark.parametrize("recipe", ["seeded-lora", "moa", "modular"])
 def test_reproduce_real_other_recipes(real_cache, tmp_path, recipe):
+    real.real_config(recipe, quick=True), real.real_config(recipe, quick=False)  # the published configs build
     spec = real.RealSpec(tasks=("logical_fallacy_detection", "sports_understanding"),
                          held_out=("winowhy",) if recipe in ("seeded-lora", "modular") else (),
                          n_train=8, n_valid=2, n_test=4, n_general=8, top_layers=1)

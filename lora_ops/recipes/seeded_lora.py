@@ -55,6 +55,7 @@ class SeededConfig:
     lr: float = 1e-2
     temperature: float = 0.1  # for similarity weights: |⟨x, v⟩| of unit v is small, so a sharp softmax
     timing_reps: int = 10
+    timing_rows: int = 64  # test rows of the whole-model aggregation timing
     layer_timing_size: Tuple[int, int] = (1024, 256)  # (d, tokens) of the single-layer timing at a realistic width
     seed: int = 0
 
@@ -155,7 +156,8 @@ def run(cfg: SeededConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=
         "scratch experts, mean": {t: alone["scratch"][t]["acc"] - results["scratch experts, mean"][t]["acc"]
                                   for t in tasks},
     }
-    timing = time_aggregations(base, experts["random"], tok, test, setup.max_len, kw, cfg.timing_reps)
+    timing = time_aggregations(base, experts["random"], tok, test, setup.max_len, kw, cfg.timing_reps,
+                               cfg.timing_rows)
     layer_timing = time_layer_aggregations(cfg.layer_timing_size, len(domains), cfg.r, cfg.timing_reps)
     summary = {name: {"train_acc": ev.mean_accuracy(r, tasks), "heldout_acc": ev.mean_accuracy(r, held_out),
                       "heldout_loss": sum(r[t]["loss"] for t in held_out) / max(1, len(held_out))}
@@ -170,11 +172,11 @@ def run(cfg: SeededConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=
     return payload
 
 
-def time_aggregations(base, experts, tok, test, max_len, kw, reps) -> dict:
+def time_aggregations(base, experts, tok, test, max_len, kw, reps, n_rows: int = 64) -> dict:
     """Forward time of the combined model per aggregation, lora_ops vs a plain loop, on one fixed batch."""
     from lora_ops.benchmarks.timing import time_fn
 
-    rows = [train.encode_example(tok, e, max_len) for e in test[:64]]
+    rows = [train.encode_example(tok, e, max_len) for e in test[:n_rows]]
     ids, _, att = train.collate(rows, 0)
     out = {}
     for agg in AGGREGATIONS:
