@@ -173,9 +173,14 @@ def test_moa_runs_end_to_end_and_is_deterministic(tmp_path, cache):
     for base_name in ("base", "single LoRA (mixed data)", "stage-1 experts, oracle routing",
                       "stage-1 experts, classifier selection", "MoE, no router loss (η = 0, soft)"):
         assert base_name in names
-    for variant in ("MoA", "MoA, frozen LoRAs", "MoA, LoRAs from scratch"):
+    for variant in ("MoA", "MoA, frozen LoRAs", "MoA, LoRAs from scratch", "MoA, no router loss (η = 0)"):
         for mode in moa.INFERENCE_MODES + ("oracle",):
             assert f"{variant}, {mode}" in names
+    cfg = tiny_moa()
+    steps = {n: p1["train_final"][n]["step"] + 1 for n in moa.VARIANTS}
+    assert steps["MoA, LoRAs from scratch"] == cfg.stage2_steps + cfg.expert_steps * len(DOMAINS)  # equal budgets
+    assert steps["MoA"] == steps["MoA, no router loss (η = 0)"] == cfg.stage2_steps
+    assert "cls" not in p1["train_final"]["MoA, no router loss (η = 0)"]  # the loss is the only difference
     assert p1["domains"] == DOMAINS
     ra = p1["router_accuracy"]["MoA"]
     assert len(ra["per_layer"]) == len(ra["layers"]) == 7  # every Linear of the one block

@@ -13,9 +13,11 @@ Procedure (interpretations are listed in docs/papers.md):
    every router, then run the chosen expert in all layers). A mixed-domain batch runs in one grouped_lora pass.
 
 Baselines and ablations: the stage-1 experts with oracle (gold) routing and with a separate classifier on the input
-(a linear probe on the base model's mean-pooled last hidden state); an MoE without router loss (η = 0: the routers
-mix all experts with their softmax weights in training and inference and learn from the LM loss alone); one LoRA on
-the mixed data; stage-2 LoRAs initialised from the stage-1 experts vs from scratch; frozen vs jointly tuned LoRAs.
+(a linear probe on the base model's mean-pooled last hidden state); MoA without router loss (η = 0 and nothing else
+changed: gold routing in training, so its routers stay at their seeded initialisation); an MoE without router loss
+(η = 0 with soft routing: the routers mix all experts with their softmax weights in training and inference and learn
+from the LM loss alone); one LoRA on the mixed data; stage-2 LoRAs initialised from the stage-1 experts vs from
+scratch (which gets the stage-1 steps in stage 2, so the budgets are equal); frozen vs jointly tuned LoRAs.
 Metrics: per-domain accuracy and answer LM loss, router accuracy per layer, and the inference throughput of a
 mixed-domain batch (lora_ops vs PEFT's ``adapter_names`` mixed batch and a per-domain loop, same outputs).
 """
@@ -51,6 +53,9 @@ VARIANTS = {
     "MoA": ("experts", True, True, "gold"),
     "MoA, frozen LoRAs": ("experts", False, True, "gold"),
     "MoA, LoRAs from scratch": ("scratch", True, True, "gold"),
+    # η = 0 and nothing else changed: gold routing in training, so the routers get no training signal at all
+    "MoA, no router loss (η = 0)": ("experts", True, False, "gold"),
+    # the MoE reading of η = 0: soft mixture in training and inference, routers learn from the LM loss alone
     "MoE, no router loss (η = 0, soft)": ("experts", True, False, "soft"),
 }
 
@@ -323,9 +328,10 @@ def run(cfg: MoAConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=Non
         model = build_moa_model(base, experts, domains, r=cfg.r, alpha=cfg.alpha, init=init, trainable=joint,
                                 mode="soft" if routing_mode == "soft" else "top1", seed=cfg.seed)
         params = [p for n_, p in model.named_parameters() if ".router." in n_ or (joint and ".bank." in n_)]
-        tcfg = train.TrainConfig(steps=cfg.stage2_steps, batch_size=cfg.batch_size, lr=cfg.stage2_lr,
-                                 warmup=cfg.stage2_steps // 10, seed=cfg.seed + 1000 * next(counter),
-                                 desc=f"stage2/{name}")
+        # from scratch there is no stage 1: its steps go to stage 2, so every variant trains its LoRAs equally long
+        steps = cfg.stage2_steps + (cfg.expert_steps * len(domains) if init == "scratch" else 0)
+        tcfg = train.TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.stage2_lr,
+                                 warmup=steps // 10, seed=cfg.seed + 1000 * next(counter), desc=f"stage2/{name}")
 
         def make_batch(step, gen):
             idx = torch.randint(len(train_rows), (cfg.batch_size,), generator=gen).tolist()
