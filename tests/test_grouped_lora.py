@@ -11,10 +11,12 @@ from tests.helpers import DISTRIBUTIONS, assert_close_to_exact, make_bank, make_
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-def run_case(device, dtype, lead, k, n, r, d_in, d_out, dist="uniform", with_scales=True, with_weights=True):
+def run_case(device, dtype, lead, k, n, r, d_in, d_out, dist="uniform", with_scales=True, with_weights=True, seq_len=1):
     x = torch.randn(*lead, d_in, device=device, dtype=dtype)
     a, b = make_bank(n, r, d_in, d_out, dtype, device)
-    ids = make_ids(dist, tuple(lead) + ((k,) if k else ()), n, device=device)
+    # seq_len > 1: ids drawn per sequence of seq_len rows along the first dimension (prefill runs)
+    ids = make_ids(dist, (lead[0] // seq_len, *lead[1:]) + ((k,) if k else ()), n, device=device)
+    ids = ids.repeat_interleave(seq_len, 0)
     scales = torch.rand(n, device=device) + 0.5 if with_scales else None
     weights = torch.rand(ids.shape, device=device) if with_weights else None
     out = lora_ops.grouped_lora(x, a, b, ids, scales=scales, weights=weights)
@@ -54,6 +56,17 @@ def test_long_segments_and_many_adapters(device):
     # Prefill-like runs of one adapter (split over threads) and a decode batch where every row differs.
     run_case(device, torch.float32, (1000,), None, 3, 16, 64, 48, dist="same")
     run_case(device, torch.float32, (300,), None, 300, 4, 64, 48, dist="distinct")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("layout", [(256, 64, "distinct"), (256, 32, "uniform"), (200, 1, "uniform")])
+def test_long_groups_blas_path(device, dtype, k, layout):
+    # Groups of >= 32 pairs take the CPU BLAS path: whole runs of consecutive rows (one sequence per adapter, used
+    # in place), groups of several runs and scattered training-batch groups (gathered), top-k slots sharing rows.
+    t, seq_len, dist = layout
+    run_case(device, dtype, (t,), k, 4, 16, 72, 40, dist=dist, seq_len=seq_len)
 
 
 @pytest.mark.parametrize("device", DEVICES)

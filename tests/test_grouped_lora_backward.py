@@ -47,13 +47,15 @@ def assert_grads_close(got, exact, dtype, same_dtype=None):
             assert err <= 2 * ref_err + 0.1 * tol * scale, f"{name}: error {err:.3e} vs torch's {ref_err:.3e}"
 
 
-def run_case(device, dtype, lead, k, n, r, d_in, d_out, dist="uniform", with_scales=True, with_weights=True,
+def run_case(device, dtype, lead, k, n, r, d_in, d_out, dist="uniform", with_scales=True, with_weights=True, seq_len=1,
              x_transform=None):
     x = torch.randn(*lead, d_in, device=device, dtype=dtype)
     if x_transform is not None:
         x = x_transform(x)
     a, b = make_bank(n, r, d_in, d_out, dtype, device)
-    ids = make_ids(dist, tuple(lead) + ((k,) if k else ()), n, device=device)
+    # seq_len > 1: ids drawn per sequence of seq_len rows along the first dimension (prefill runs)
+    ids = make_ids(dist, (lead[0] // seq_len, *lead[1:]) + ((k,) if k else ()), n, device=device)
+    ids = ids.repeat_interleave(seq_len, 0)
     scales = torch.rand(n, device=device) + 0.5 if with_scales else None
     weights = torch.rand(ids.shape, device=device) if with_weights else None
     grad_out = torch.randn(*lead, d_out, device=device, dtype=dtype)
@@ -103,6 +105,16 @@ def test_large_groups_and_many_tiny_groups(device):
     # Training-like long groups (the multithreaded-GEMM path) and a decode batch where every row differs.
     run_case(device, torch.float32, (300,), None, 3, 8, 64, 48, dist="same")
     run_case(device, torch.float32, (200,), 2, 150, 4, 40, 24, dist="distinct")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("layout", [(256, 64, "distinct"), (200, 1, "zipf")])
+def test_long_groups_blas_path(device, dtype, k, layout):
+    # Prefill runs (one sequence per adapter) and a scattered training batch: groups of >= 32 pairs (CPU BLAS path).
+    t, seq_len, dist = layout
+    run_case(device, dtype, (t,), k, 4, 16, 72, 40, dist=dist, seq_len=seq_len)
 
 
 @pytest.mark.parametrize("device", DEVICES)

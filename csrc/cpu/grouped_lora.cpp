@@ -1,10 +1,15 @@
 // grouped_lora on CPU.
 //
 // Rows are grouped by adapter (a stable sort of the valid (row, slot) pairs), so each adapter's A and B are read
-// once per group however the ids are spread:
-//   shrink: h[p] = scale[id] * w[p] * (A[id] @ x[row(p)])   work items = (group, chunk of <= kChunk pairs)
-//   expand: y[row(p)] += B[id] @ h[p]                        work items = tiles of kTile output columns
-// Expand tiles are disjoint, so top-k rows that several groups add into need no atomics or locks.
+// once per group however the ids are spread. Two paths, chosen per group by its pair count:
+// - long groups (>= cpu::kGemmPairs pairs: prefill sequences, training batches): two BLAS GEMMs through ATen,
+//     h = f ⊙ (X_g A_iᵀ), Y_g += h B_iᵀ, on views of x and the output when the group is one run of consecutive
+//     rows, else on gathered rows. They are called one group at a time from the serial loop, so BLAS threads each
+//     GEMM itself; no BLAS call ever runs inside at::parallel_for (MKL's threaded path hangs there).
+// - short groups (decode batches), pure loops under at::parallel_for:
+//     shrink: h[p] = scale[id] * w[p] * (A[id] @ x[row(p)])   work items = (group, chunk of <= kChunk pairs)
+//     expand: y[row(p)] += B[id] @ h[p]                        work items = tiles of kTile output columns
+//   Expand tiles are disjoint, so top-k rows that several groups add into need no atomics or locks.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,10 +27,47 @@ namespace lora_ops {
 namespace {
 
 using cpu::as_acc;
+using cpu::kGemmPairs;
 using cpu::Group;
 using cpu::group_pairs;
 using cpu::kTile;
 constexpr int64_t kChunk = 16;  // pairs per shrink work item: splits one long group over threads
+
+// One long group through two BLAS GEMMs in acc_t (fp16/bf16 rows are converted while gathered). Serial caller only.
+template <typename scalar_t>
+void gemm_group(const GroupedLoraProblem& p, const int64_t* pairs, int64_t n, int64_t adapter,
+                const at::opmath_type<scalar_t>* scales, const at::opmath_type<scalar_t>* weights, at::Tensor& acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = p.k, r = p.r;
+  bool run = true;  // consecutive rows of one slot (a prefill sequence): x and the output are used in place
+  for (int64_t j = 1; j < n && run; ++j) run = pairs[j] == pairs[0] + j * k;
+  std::vector<int64_t> rows(n);
+  for (int64_t j = 0; j < n; ++j) rows[j] = pairs[j] / k;
+  at::Tensor xg;
+  if (run && std::is_same_v<scalar_t, acc_t>) {
+    xg = p.x.narrow(0, rows[0], n);
+  } else {
+    xg = at::empty({n, p.d_in}, acc.options());
+    cpu::copy_rows(p.x, rows, xg, false);
+  }
+  const at::Tensor a = p.lora_a.select(0, adapter).to(acc.scalar_type());  // [r, d_in], a view for fp32/fp64
+  const at::Tensor b = p.lora_b.select(0, adapter).to(acc.scalar_type());  // [d_out, r]
+  at::Tensor h = at::mm(xg, a.t());                                         // [n, r]
+  acc_t* hp = h.mutable_data_ptr<acc_t>();
+  const acc_t s = scales ? scales[adapter] : acc_t(1);
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t f = weights ? s * weights[pairs[j]] : s;
+    for (int64_t q = 0; q < r; ++q) hp[j * r + q] *= f;
+  }
+  if (!run) {
+    cpu::add_rows(at::mm(h, b.t()), rows, acc);
+  } else if (k == 1) {
+    at::Tensor yg = acc.narrow(0, rows[0], n);  // only this group writes these rows: no accumulation needed
+    at::mm_out(yg, h, b.t());
+  } else {
+    acc.narrow(0, rows[0], n).addmm_(h, b.t());
+  }
+}
 
 template <typename scalar_t>
 void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
@@ -39,9 +81,28 @@ void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
   const acc_t* weights = p.weights.defined() ? p.weights.const_data_ptr<acc_t>() : nullptr;
 
   std::vector<int64_t> order;
-  std::vector<Group> groups;
-  group_pairs(ids, P, p.N, order, groups);
-  if (groups.empty() || r == 0) return;  // out is already zero
+  std::vector<Group> all_groups;
+  group_pairs(ids, P, p.N, order, all_groups);
+  if (all_groups.empty() || r == 0) return;  // out is already zero
+
+  // fp32/fp64 accumulate straight into the (zeroed) output; fp16/bf16 into an fp32 buffer converted at the end.
+  at::Tensor acc = std::is_same_v<scalar_t, acc_t> ? out : at::zeros({p.T, d_out}, out.options().dtype(
+                                                                                          c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* y = acc.mutable_data_ptr<acc_t>();
+
+  // ---- long groups: BLAS, one group at a time ----
+  std::vector<Group> groups;  // the short ones, for the loops below
+  for (const Group& g : all_groups) {
+    if (g.end - g.begin >= kGemmPairs) {
+      gemm_group<scalar_t>(p, order.data() + g.begin, g.end - g.begin, g.adapter, scales, weights, acc);
+    } else {
+      groups.push_back(g);
+    }
+  }
+  if (groups.empty()) {
+    if (!acc.is_same(out)) out.copy_(acc);
+    return;
+  }
 
   // ---- shrink ----
   struct Item {
@@ -53,7 +114,8 @@ void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
       items.push_back({g, b, std::min(b + kChunk, groups[g].end)});
     }
   }
-  std::vector<acc_t> h(P * r);  // only valid pairs' rows are written and read
+  std::vector<acc_t> h(P * r);  // only short groups' pairs' rows are written and read
+  // Pure loops (dot4 / dot1): items write disjoint rows of h.
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
     constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
     std::vector<acc_t> xbuf(convert ? kChunk * d_in : 0), abuf(convert ? d_in : 0);
@@ -86,11 +148,8 @@ void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
   });
 
   // ---- expand ----
-  // fp32/fp64 accumulate straight into the (zeroed) output; fp16/bf16 into an fp32 buffer converted at the end.
-  at::Tensor acc = std::is_same_v<scalar_t, acc_t> ? out : at::zeros({p.T, d_out}, out.options().dtype(
-                                                                                          c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* y = acc.mutable_data_ptr<acc_t>();
   const int64_t n_tiles = (d_out + kTile - 1) / kTile;
+  // Pure loops (transpose_tile / rank_update): threads own disjoint output column tiles.
   at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
     std::vector<acc_t> bt(r * kTile);  // B tile transposed to [r, kTile], zero-padded past d_out
     std::vector<acc_t> bbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kTile * r);
@@ -113,6 +172,8 @@ void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
 at::Tensor grouped_lora_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                             const at::Tensor& adapter_ids, const std::optional<at::Tensor>& scales,
                             const std::optional<at::Tensor>& weights, bool check_ids) {
+  // The ATen calls of the GEMM path are this kernel's internals: keep autograd out of them.
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
   const GroupedLoraProblem p = prepare_grouped_lora(x, lora_a, lora_b, adapter_ids, scales, weights, check_ids);
   at::Tensor out = at::zeros({p.T, p.d_out}, x.options());
   if (p.T > 0 && p.d_out > 0) {

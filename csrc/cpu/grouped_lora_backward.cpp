@@ -3,13 +3,12 @@
 // With h = A_i x_t, g = B_iᵀ dy_t and f = scale_i * w_tj for each valid (row t, slot j) pair using adapter i:
 //   dx_t  = Σ_j f A_iᵀ g      dA_i = Σ_pairs f g x_tᵀ      dB_i = Σ_pairs f dy_t hᵀ      dw_tj = scale_i <g, h>
 // Pairs are grouped by adapter exactly as in the forward (cpu::group_pairs), then x and dy rows are gathered once
-// in sorted pair order, so every group is a contiguous block of rows and every product is one GEMM (at::mm_out)
-// that reads A_i / B_i once: five GEMMs per group, no per-row copy of A or B. The backward has three of its five
-// products with a d-long output (dA, dB, dx), where blocked GEMMs beat dot/rank-update loops; measured one
-// per-group GEMM of the shapes here at ~0.03-0.05 ms (32 rows, r=16, d=2048, one thread). Groups run concurrently
-// (see kRowBlock).
+// in sorted pair order, so every group is a contiguous block of rows and every product is one GEMM through ATen
+// that reads A_i / B_i once: five GEMMs per group, no per-row copy of A or B. Groups run one after another, each
+// GEMM threaded by BLAS itself: BLAS is never called inside at::parallel_for (MKL's threaded path spins forever
+// there), and only the pure row copies run under at::parallel_for.
 // Every group writes disjoint memory (its rows of the sorted buffers, dA_i, dB_i); dx is scattered back once at
-// the end (index_add_ when top-k rows receive several groups), so nothing races.
+// the end (index_add_ when top-k rows receive several groups).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,37 +24,8 @@
 namespace lora_ops {
 namespace {
 
-// Work items run concurrently, one thread each with single-threaded GEMMs: rows of a group in blocks of
-// kRowBlock (h, g, dx), then dA_i and dB_i whole, except that a group holding more than one thread's share of the
-// pairs (a Zipf head) has its dA_i columns / dB_i rows split so the threads stay balanced. Splitting one small
-// GEMM across threads instead pays a barrier per call, which on a busy machine costs a scheduler slice (measured:
-// a 1024-row N=8 backward went from 7 ms to 690 ms with other jobs running). Column blocks of ~128 for every
-// group measured no faster than whole dA_i / dB_i.
-constexpr int64_t kRowBlock = 256;
-constexpr int64_t kColAlign = 64;
-
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// dst[i] = src[rows[i]] (converted to dst's dtype) for i < rows.size(): the per-row gather/scatter behind the
-// sorted blocks, as a parallel row copy (a profile showed index_select gathering at only ~4 GB/s here).
-// With `scatter`, dst[rows[i]] = src[i] instead (rows must be distinct).
-void copy_rows(const at::Tensor& src, const std::vector<int64_t>& rows, at::Tensor& dst, bool scatter) {
-  const int64_t d = src.size(1), n = static_cast<int64_t>(rows.size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "copy_rows_src", [&] {
-    using src_t = scalar_t;
-    const src_t* in = src.const_data_ptr<src_t>();
-    AT_DISPATCH_FLOATING_TYPES(dst.scalar_type(), "copy_rows_dst", [&] {
-      scalar_t* out = dst.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, n, 16, [&](int64_t first, int64_t last) {
-        for (int64_t i = first; i < last; ++i) {
-          const src_t* s = in + (scatter ? i : rows[i]) * d;
-          scalar_t* o = out + (scatter ? rows[i] : i) * d;
-          for (int64_t e = 0; e < d; ++e) o[e] = static_cast<scalar_t>(s[e]);
-        }
-      });
-    });
-  });
-}
+using cpu::copy_rows;
 
 Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
                                 const at::Tensor& lora_b, const at::Tensor& adapter_ids,
@@ -117,71 +87,41 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
       a_acc[g] = p.lora_a.select(0, groups[g].adapter).to(acc.dtype());  // [r, d_in]
       b_acc[g] = p.lora_b.select(0, groups[g].adapter).to(acc.dtype());  // [d_out, r]
     }
-    const auto run_items = [](int64_t n_items, const auto& fn) {
-      at::parallel_for(0, n_items, 1, [&](int64_t first, int64_t last) {
-        const at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch state is per thread
-        for (int64_t it = first; it < last; ++it) fn(it);
-      });
-    };
-
-    // Phase 1, per row block of a group (rows disjoint): h, g, their scaled copies and dx.
-    std::vector<std::array<int64_t, 3>> row_items;  // (group, begin, n)
-    for (size_t g = 0; g < groups.size(); ++g) {
-      for (int64_t b = groups[g].begin; b < groups[g].end; b += kRowBlock) {
-        row_items.push_back({static_cast<int64_t>(g), b, std::min(kRowBlock, groups[g].end - b)});
-      }
-    }
-    run_items(static_cast<int64_t>(row_items.size()), [&](int64_t it) {
-      const auto [g, b, n] = row_items[it];
+    // One group at a time, its five products as whole-group BLAS GEMMs: BLAS threads each of them itself, and no
+    // BLAS call runs inside at::parallel_for (MKL's threaded path hangs there). Outputs are disjoint per group.
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      const int64_t i = groups[gi].adapter, b = groups[gi].begin, n = groups[gi].end - b;
       const at::Tensor f_blk = f_col.narrow(0, b, n);
+      const at::Tensor xs_g = xs.defined() ? xs.narrow(0, b, n) : at::Tensor();
+      const at::Tensor dys_g = dys.defined() ? dys.narrow(0, b, n) : at::Tensor();
       if (need_h) {
         at::Tensor h = hs.narrow(0, b, n);
-        at::mm_out(h, xs.narrow(0, b, n), a_acc[g].t());
+        at::mm_out(h, xs_g, a_acc[gi].t());
         if (need_b) {
           at::Tensor hf = hfs.narrow(0, b, n);
           at::mul_out(hf, h, f_blk);
+          // dB_i = DYᵀ (f h), computed transposed ([r, n] x [n, d_out], the shape BLAS runs ~2x faster here
+          // than [d_out, n] x [n, r]) and copied into place.
+          gb.select(0, i).copy_(at::mm(hf.t(), dys_g).t());
         }
       }
       if (need_g) {
         at::Tensor gr = gs.narrow(0, b, n);
-        at::mm_out(gr, dys.narrow(0, b, n), b_acc[g]);
+        at::mm_out(gr, dys_g, b_acc[gi]);
         if (need_x || need_a) {
           at::Tensor gf = gfs.narrow(0, b, n);
           at::mul_out(gf, gr, f_blk);
           if (need_x) {
             at::Tensor dx = dxs.narrow(0, b, n);
-            at::mm_out(dx, gf, a_acc[g]);
+            at::mm_out(dx, gf, a_acc[gi]);
+          }
+          if (need_a) {
+            at::Tensor da = ga.select(0, i);
+            at::mm_out(da, gf.t(), xs_g);
           }
         }
       }
-    });
-
-    // Phase 2, per column block of dA_i / row block of dB_i (outputs disjoint): reductions over the group's rows.
-    const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
-    std::vector<std::array<int64_t, 4>> col_items;  // (group, which: 0 = dA / 1 = dB, c0, len)
-    for (size_t g = 0; g < groups.size(); ++g) {
-      const int64_t n = groups[g].end - groups[g].begin;
-      const int64_t parts = std::clamp<int64_t>(n * threads / n_valid, 1, threads);
-      for (int64_t which = 0; which < 2; ++which) {
-        if (which == 0 ? !need_a : !need_b) continue;
-        const int64_t cols = which == 0 ? p.d_in : p.d_out;
-        const int64_t width = std::max<int64_t>((cols + parts - 1) / parts + kColAlign - 1, 1) / kColAlign * kColAlign;
-        for (int64_t c = 0; c < cols; c += width) {
-          col_items.push_back({static_cast<int64_t>(g), which, c, std::min(width, cols - c)});
-        }
-      }
     }
-    run_items(static_cast<int64_t>(col_items.size()), [&](int64_t it) {
-      const auto [g, which, c, len] = col_items[it];
-      const int64_t i = groups[g].adapter, b = groups[g].begin, n = groups[g].end - b;
-      if (which == 0) {
-        at::Tensor da = ga.select(0, i).narrow(1, c, len);  // [r, len] with row stride d_in
-        at::mm_out(da, gfs.narrow(0, b, n).t(), xs.narrow(0, b, n).narrow(1, c, len));
-      } else {
-        at::Tensor db = gb.select(0, i).narrow(0, c, len);  // [len, r]
-        at::mm_out(db, dys.narrow(0, b, n).narrow(1, c, len).t(), hfs.narrow(0, b, n));
-      }
-    });
 
     if (need_w) gw.index_copy_(0, pairs, (gs * hs).sum(1) * scale);
     if (need_x) {

@@ -1,5 +1,7 @@
-// Pair grouping and dtype helpers shared by the CPU grouped_lora kernels (forward and backward).
+// Pair grouping, row gather/scatter and dtype helpers shared by the CPU grouped_lora kernels (forward and backward).
 #pragma once
+#include <ATen/ATen.h>
+
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -13,6 +15,18 @@ struct Group {
 // Pairs p = row * k + slot whose id is a valid adapter (in [0, N)), stable-sorted by id into `order`, and their
 // runs of equal ids into `groups`. Grouping is what lets every kernel read each adapter's A and B once per call.
 void group_pairs(const int64_t* ids, int64_t P, int64_t N, std::vector<int64_t>& order, std::vector<Group>& groups);
+
+// Groups with at least this many pairs run as BLAS GEMMs through ATen (measured: from ~32 rows MKL's GEMM beats
+// the dot / rank-update loops on r = 16, d = 2048); smaller groups use the loops of loops.h.
+constexpr int64_t kGemmPairs = 32;
+
+// dst[i] = src[rows[i]] converted to dst's dtype for i < rows.size() (a gather into a contiguous block); with
+// `scatter`, dst[rows[i]] = src[i] instead (rows distinct). src and dst are contiguous 2-D tensors of equal width.
+void copy_rows(const at::Tensor& src, const std::vector<int64_t>& rows, at::Tensor& dst, bool scatter);
+
+// dst[rows[i]] += src[i] for i < rows.size(); rows may repeat (top-k rows with the same adapter in two slots).
+// dst and src share a floating dtype.
+void add_rows(const at::Tensor& src, const std::vector<int64_t>& rows, at::Tensor& dst);
 
 // Pointer to `n` values of `src` in acc_t: the input itself when no conversion is needed, else `buf` filled.
 template <typename scalar_t, typename acc_t>
