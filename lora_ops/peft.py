@@ -9,6 +9,7 @@ variants, extra trained modules) raises ``NotImplementedError`` naming it rather
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 import types
@@ -270,8 +271,9 @@ class _Stacked:
         self.names = tuple(layer.lora_A.keys())
         self.scaling = dict(layer.scaling)
         self.params = [p for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
-        self.stamp = [(p.data_ptr(), p._version) for p in self.params]
+        self.stamp = _stamp(self.params)
         self.index = {n: i for i, n in enumerate(self.names)}
+        self.routed = None  # (key, ids, used adapters) of the last batch composition (see route)
         variants = getattr(layer, "lora_variant", {})
         self.plain = frozenset(n for n in self.names if n not in variants and layer.lora_B[n].bias is None)
         self.dropout = {n: getattr(layer.lora_dropout[n], "p", 0.0) if isinstance(layer.lora_dropout[n], nn.Dropout)
@@ -283,9 +285,30 @@ class _Stacked:
 
     def current(self, layer) -> bool:
         # adding / deleting adapters changes the names, loading weights into them bumps the version (in-place
-        # copy) or moves the storage; a cheap check per call, since it runs for every layer of every forward
+        # copy) or moves the storage. This runs for every LoRA layer of every forward (of every decoding step):
+        # the stamp is compared with C-level maps, not a Python loop over the 2N parameters (that loop cost
+        # about as much as the grouped_lora call itself at decode shapes)
         return (tuple(layer.lora_A.keys()) == self.names and layer.scaling == self.scaling
-                and all(p.data_ptr() == d and p._version == v for p, (d, v) in zip(self.params, self.stamp)))
+                and _stamp(self.params) == self.stamp)
+
+    def route(self, adapter_names: List[str], x: torch.Tensor):
+        """(ids expanded over x's leading dims, set of adapters used) of this batch composition: built once, then
+        reused by every later call with the same names and shape (each decoding step, each repeated batch). The key
+        holds inference mode: an inference tensor cannot be saved for a backward."""
+        lead = x.shape[:-1]
+        key = (tuple(adapter_names), lead, x.device, torch.is_inference_mode_enabled())
+        if self.routed is None or self.routed[0] != key:
+            ids = torch.tensor([self.index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
+            ids = ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead)
+            self.routed = (key, ids, {n for n in adapter_names if n in self.index})
+        return self.routed[1], self.routed[2]
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+def _stamp(params) -> tuple:
+    return list(map(torch.Tensor.data_ptr, params)), list(map(_VERSION, params))
 
 
 def _stacked(layer) -> _Stacked:
@@ -319,19 +342,16 @@ def _differentiable_bank(layer):
 def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: List[str], **kwargs: Any) -> torch.Tensor:
     """Drop-in for PEFT's ``Linear._mixed_batch_forward``: one ``grouped_lora`` call instead of a loop over adapters."""
     st = _stacked(self)
-    used = {n for n in adapter_names if n in st.index}
+    ids, used = st.route(adapter_names, x)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in st.params))
     if not used or not _fast_path_ok(self, st, used):
         return self._lora_ops_original_mixed(x, *args, adapter_names=adapter_names, **kwargs)
     for k in ("alora_offsets",):  # variant-only arguments PEFT strips before calling the base layer
         kwargs.pop(k, None)
     result = self.base_layer(x, *args, **kwargs)
-    # inference: the cached copy; training: a fresh differentiable stack, so gradients reach PEFT's parameters
-    index, lora_a, lora_b, scales = (_differentiable_bank(self) if grad
-                                     else (st.index, st.lora_a, st.lora_b, st.scales))
-    ids = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
-    lead = x.shape[:-1]
-    ids = ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead)
+    # inference: the cached copy; training: a fresh differentiable stack (same adapter order, so the same ids),
+    # so gradients reach PEFT's parameters
+    _, lora_a, lora_b, scales = _differentiable_bank(self) if grad else (None, st.lora_a, st.lora_b, st.scales)
     # ids come from the bank's own index: always valid, so no range check (and no reduction) is needed
     delta = ops.grouped_lora(x.to(lora_a.dtype), lora_a, lora_b, ids, scales=scales, check_ids=False)
     return add_delta(result, delta)

@@ -249,6 +249,34 @@ def test_accelerate_keeps_gradients_exact(base_model, counted):
     assert counted  # the gradients above went through grouped_lora's backward, not PEFT's loop
 
 
+def test_accelerate_notices_weight_edits_and_grad_after_inference(base_model):
+    """The stacked bank and the per-composition ids are cached across calls: an in-place edit of one adapter must
+    still be seen, and ids built under inference mode must not reach a later backward."""
+    torch.manual_seed(3)
+    model = peft.get_peft_model(copy.deepcopy(base_model), _lora(2, 4), adapter_name="x")
+    model.add_adapter("y", _lora(4, 8))
+    model.eval()
+    tokens, batch = _tokens(2, 4), ["x", "y"]
+    accelerate(model)
+    with torch.inference_mode():
+        model(tokens, adapter_names=batch)
+    w = model.base_model.model.model.layers[1].mlp.down_proj.lora_B["y"].weight
+    with torch.no_grad():
+        w.mul_(3)
+    with torch.inference_mode():
+        got = model(tokens, adapter_names=batch).logits
+    deaccelerate(model)
+    with torch.inference_mode():
+        want = model(tokens, adapter_names=batch).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    accelerate(model)
+    with torch.inference_mode():
+        model(tokens, adapter_names=batch)
+    w.requires_grad_(True)
+    model(tokens, adapter_names=batch).logits.square().mean().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path, counted):
     """GPT-2's Conv1D layers (PEFT: fan_in_fan_out=True): load, wrap, save round trip and accelerate."""
     torch.manual_seed(0)
