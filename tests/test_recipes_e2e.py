@@ -78,8 +78,21 @@ def test_seeded_lora_runs_end_to_end(tmp_path, cache):
     names = set(p["results"])
     for kind in seeded_lora.SEED_KINDS:
         assert f"seeded ({kind}), mean" in names
-    for agg in seeded_lora.AGGREGATIONS[1:]:
+    for agg in ("similarity", "maxpool"):
         assert f"seeded (random), {agg}" in names
+    # synthetic domains are equal in size: weighting by size would be the mean, so it is not run, with the reason
+    assert "seeded (random), weighted" not in names and "weighted" in p["skipped"]
+    # the single-domain seed is rotated over the domains and averaged
+    rotations = [f"seeded (domain={d}), mean" for d in p["domains"]]
+    assert set(rotations) <= names
+    t = p["tasks"][0]
+    assert p["results"]["seeded (domain), mean"][t]["acc"] == pytest.approx(
+        sum(p["results"][r][t]["acc"] for r in rotations) / len(rotations))
+    # equal budgets: the seed's steps are counted for the baselines too
+    cfg = tiny_seeded()
+    n = len(p["domains"])
+    assert p["budgets"]["multi-task LoRA"] == cfg.seed_steps + n * cfg.expert_steps
+    assert p["budgets"]["scratch experts (N experts)"] == n * (cfg.expert_steps + round(cfg.seed_steps / n))
     assert {"scratch experts, mean", "multi-task LoRA", "base"} <= names
     assert set(p["held_out"]) == {"last", "min", "revup"}
     for agg, t in p["timing"].items():

@@ -10,8 +10,12 @@ Procedure (interpretations are listed in docs/papers.md):
    the average by a data-size-weighted average, by per-token input–prototype similarity weights, or by element-wise
    max-by-magnitude over the expert outputs (see :mod:`lora_ops.recipes.adapters`).
 
-Baselines: experts trained from a fresh initialisation and averaged the same way; one LoRA trained on all data
-(for as many steps as all experts together). Metrics: accuracy on training tasks and zero-shot accuracy / loss on
+Ablation 1's single-domain seed is rotated over the domains (each domain seeds once; the rotations are averaged).
+The data-size weighting of ablation 2 is run only when the domains differ in size (otherwise it is the mean).
+
+Baselines, on the method's budget (the seed's steps plus the N experts' steps): experts trained from a fresh
+initialisation (each for its expert steps plus 1/N of the seed steps) and averaged the same way; one LoRA trained on
+all data for the whole budget. Metrics: accuracy on training tasks and zero-shot accuracy / loss on
 held-out tasks, task interference (each task's accuracy with its domain's expert alone minus with the combination),
 and the inference time of each aggregation through ``lora_ops.grouped_lora`` vs a plain loop over experts.
 """
@@ -50,7 +54,7 @@ class SeededConfig:
     seed_fraction: float = 0.1
     seed_steps: int = 200
     expert_steps: int = 200
-    multitask_steps: Optional[int] = None  # default: expert_steps × number of domains (the experts' total)
+    multitask_steps: Optional[int] = None  # default: seed_steps + expert_steps × number of domains
     batch_size: int = 32
     lr: float = 1e-2
     temperature: float = 0.1  # for similarity weights: |⟨x, v⟩| of unit v is small, so a sharp softmax
@@ -71,8 +75,8 @@ def seed_subset(pool: Sequence[Example], kind: str, fraction: float, domains: Se
                 domain_of) -> List[Example]:
     """The seed LoRA's training rows: ``round(fraction·len(pool))`` rows drawn as ``kind`` says.
 
-    ``random``: uniform over the pool; ``domain``: only from ``domains[0]`` (all of it if it is smaller);
-    ``balanced``: the same number from every domain.
+    ``random``: uniform over the pool; ``domain``: only from ``domains[0]`` (all of it if it is smaller; the recipe
+    rotates ``domains`` so that each domain seeds once); ``balanced``: the same number from every domain.
     """
     if kind not in SEED_KINDS:
         raise ValueError(f"seed_subset: kind must be one of {SEED_KINDS}, got {kind!r}")
@@ -88,6 +92,16 @@ def seed_subset(pool: Sequence[Example], kind: str, fraction: float, domains: Se
     for d in domains:
         rows = [e for e in pool if domain_of(e) == d]
         out += rng.sample(rows, min(per, len(rows)))
+    return out
+
+
+def _average_results(runs: Sequence[Dict[str, dict]]) -> Dict[str, dict]:
+    """Per task, the mean of every numeric field over ``runs`` (e.g. the rotations of the domain seed)."""
+    out = {}
+    for task in runs[0]:
+        out[task] = {k: sum(r[task][k] for r in runs) / len(runs) for k, v in runs[0][task].items()
+                     if isinstance(v, (int, float)) and k != "n"}
+        out[task]["n"] = runs[0][task]["n"]
     return out
 
 
@@ -126,23 +140,45 @@ def run(cfg: SeededConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=
 
     results: Dict[str, dict] = {"base": score(base)}
     seeds, experts = {}, {}
+    # the seeded method's budget is the seed's steps plus N experts' steps: the baselines get the same total
+    total = cfg.seed_steps + cfg.expert_steps * len(domains)
+    budgets = {"seeded experts (seed + N experts)": total,
+               "scratch experts (N experts)": (cfg.expert_steps + round(cfg.seed_steps / len(domains)))
+               * len(domains),
+               "multi-task LoRA": cfg.multitask_steps or total}
     for kind in SEED_KINDS:
-        subset = seed_subset(pool, kind, cfg.seed_fraction, domains, cfg.seed, lambda e: dom[e.task])
-        seeds[kind] = fit_lora(subset, cfg.seed_steps, f"seed-{kind}")
-        experts[kind] = [ad.factors_from_peft(s, scale) for s in experts_from(seeds[kind], f"experts-{kind}")]
-    experts["scratch"] = [ad.factors_from_peft(s, scale) for s in experts_from(None, "experts-scratch")]
-    multitask = ad.factors_from_peft(
-        fit_lora(pool, cfg.multitask_steps or cfg.expert_steps * len(domains), "multitask"), scale)
+        # the single-domain seed is rotated: each domain seeds once and the rotations are averaged
+        order = [domains[i:] + domains[:i] for i in range(len(domains))] if kind == "domain" else [domains]
+        for doms in order:
+            key = kind if kind != "domain" else f"domain={doms[0]}"
+            subset = seed_subset(pool, kind, cfg.seed_fraction, doms, cfg.seed, lambda e: dom[e.task])
+            seeds[key] = fit_lora(subset, cfg.seed_steps, f"seed-{key}")
+            experts[key] = [ad.factors_from_peft(s, scale) for s in experts_from(seeds[key], f"experts-{key}")]
+    scratch_steps = cfg.expert_steps + round(cfg.seed_steps / len(domains))
+    experts["scratch"] = [ad.factors_from_peft(fit_lora([e for e in pool if dom[e.task] == d], scratch_steps,
+                                                        f"experts-scratch/{d}"), scale) for d in domains]
+    multitask = ad.factors_from_peft(fit_lora(pool, budgets["multi-task LoRA"], "multitask"), scale)
 
     sizes = [sum(dom[e.task] == d for e in pool) for d in domains]
     kw = {"weighted": {"weights": sizes}, "similarity": {"temperature": cfg.temperature}}
+    # weighting by data size is the plain mean when every domain is the same size: then it is not run
+    skipped = {"weighted": f"every domain has {sizes[0]} training rows: weights by data size equal the mean"} \
+        if len(set(sizes)) == 1 else {}
     results["seed only (random)"] = score(ad.combine(base, [ad.factors_from_peft(seeds["random"], scale)]))
     results["multi-task LoRA"] = score(ad.combine(base, [multitask]))
     results["scratch experts, mean"] = score(ad.combine(base, experts["scratch"], "mean"))
     for kind in SEED_KINDS:
-        results[f"seeded ({kind}), mean"] = score(ad.combine(base, experts[kind], "mean"))
+        if kind != "domain":
+            results[f"seeded ({kind}), mean"] = score(ad.combine(base, experts[kind], "mean"))
+            continue
+        rotations = {d: score(ad.combine(base, experts[f"domain={d}"], "mean")) for d in domains}
+        results["seeded (domain), mean"] = _average_results(list(rotations.values()))
+        for d, r in rotations.items():
+            results[f"seeded (domain={d}), mean"] = r
     for agg in AGGREGATIONS[1:]:
-        results[f"seeded (random), {agg}"] = score(ad.combine(base, experts["random"], agg, **kw.get(agg, {})))
+        if agg not in skipped:
+            results[f"seeded (random), {agg}"] = score(ad.combine(base, experts["random"], agg,
+                                                                 **kw.get(agg, {})))
 
     alone = {}  # each task scored with its own domain's expert
     for kind in ("random", "scratch"):
@@ -165,6 +201,7 @@ def run(cfg: SeededConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir=
     payload = {"recipe": "seeded-lora", "config": _jsonable(asdict(cfg)), "source": setup.source, "tasks": tasks,
                "held_out": held_out, "domains": domains, "results": results, "summary": summary,
                "expert_alone": alone, "interference": interference, "timing": timing,
+               "budgets": budgets, "domain_sizes": dict(zip(domains, sizes)), "skipped": skipped,
                "layer_timing": layer_timing,
                "seconds": time.time() - t0}
     if train.rank() == 0:
@@ -229,6 +266,10 @@ def markdown(p: dict) -> str:
             for n in names]
     lines.append(res.markdown_table(["model", "mean acc (training tasks)", "zero-shot acc (held-out)",
                                      "held-out answer loss"], rows))
+    if p.get("budgets"):
+        lines += ["Training steps: " + "; ".join(f"{k} {v}" for k, v in p["budgets"].items())
+                  + ". Seeded (domain) is the mean over the rotations (each domain seeds once)."
+                  + "".join(f" Not run: {k} ({v})." for k, v in p.get("skipped", {}).items()), ""]
     lines += ["## Per-task accuracy", ""]
     cols = tasks + held
     rows = [[n] + [p["results"][n][t]["acc"] for t in cols] for n in names]
