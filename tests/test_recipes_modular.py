@@ -97,6 +97,42 @@ def test_arrow_in_the_recipe_equals_the_all_experts_reference(tiny_llama, top_k,
             assert (dense(input_ids=ids).logits - got).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_arrow_factor_mixing_mixes_a_and_b_per_token(tiny_llama, top_k):
+    lib = _library(tiny_llama, 3)
+    names = ["a", "b", "c"]
+    model = modular.arrow_factor_model(tiny_llama, lib, names, top_k, 0.7)
+    ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+
+    def factor_ref(path):
+        a = torch.stack([x[path].a for x in lib]).double()
+        b = torch.stack([x[path].b for x in lib]).double()
+        s = torch.tensor([x[path].scale for x in lib], dtype=torch.float64)
+        protos = reference.arrow_prototypes(a, b)
+
+        def delta(x):  # token by token: A_t = Σ w_i A_i, B_t = Σ w_i s_i B_i over the chosen i
+            flat = x.reshape(-1, x.shape[-1]).double()
+            out = []
+            for t in range(flat.shape[0]):
+                logits = (flat[t] @ protos.T).abs()
+                top = logits.topk(top_k).indices
+                w = torch.softmax(logits[top] / 0.7, 0)
+                a_t = sum(w[j] * a[i] for j, i in enumerate(top.tolist()))
+                b_t = sum(w[j] * s[i] * b[i] for j, i in enumerate(top.tolist()))
+                out.append(b_t @ (a_t @ flat[t]))
+            return torch.stack(out).reshape(*x.shape[:-1], -1).to(x.dtype)
+        return delta
+
+    torch.testing.assert_close(got, _reference_logits(tiny_llama, ids, {p: factor_ref(p) for p in lib[0]}),
+                               atol=1e-4, rtol=1e-4)
+    outputs = modular.arrow_model(tiny_llama, lib, names, top_k, 0.7)
+    with torch.no_grad():
+        diff = (outputs(input_ids=ids).logits - got).abs().max()
+    assert diff < 1e-5 if top_k == 1 else diff > 1e-4  # the same for k = 1, cross terms B_j A_i otherwise
+
+
 def test_arrow_layers_route_through_multilora_and_arrow_router(tiny_llama):
     from lora_ops.nn import MultiLoRALinear
     from lora_ops.routing import ArrowRouter

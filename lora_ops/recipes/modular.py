@@ -79,6 +79,8 @@ class ModularConfig:
     temperature: float = 1.0  # softmax temperature over the k chosen
     top_k_sweep: Tuple[int, ...] = (1, 2, 4, 8)  # ablation; values larger than a library are skipped
     random_clusters: bool = True  # ablation: random clusters of MBC's sizes, trained like MBC's
+    # Arrow also with the experts' factors mixed per token (the authors' code's default) next to mixed outputs
+    arrow_factor_mixing: bool = True
     seed: int = 0
 
 
@@ -160,6 +162,45 @@ def arrow_model(base: torch.nn.Module, library: Sequence[ad.Adapter], names: Seq
     for path, bank in banks.items():
         model.get_submodule(path).router = ArrowRouter.from_adapters(bank.lora_a.detach(), bank.lora_b.detach(),
                                                                      top_k, temperature)
+    return model.eval()
+
+
+class ArrowFactorMixLinear(torch.nn.Module):
+    """``base(x) + (Σ_i w_i s_i B_i)(Σ_i w_i A_i) x`` per token over the Arrow router's top-k experts ``i`` with
+    weights ``w_i``: the experts' *factors* mixed per token (cross terms ``B_j A_i`` included), the default of the
+    Modular LLMs authors' code and consistent with Mu; ``arrow_model`` mixes the experts' *outputs*
+    ``Σ_i w_i s_i B_i A_i x`` (as PEFT's Arrow does). Both are the same for k = 1."""
+
+    def __init__(self, base: torch.nn.Linear, bank, router):
+        super().__init__()
+        self.base, self.router = base, router
+        n, r, d_in = bank.lora_a.shape
+        self.register_buffer("a_cat", bank.lora_a.detach().reshape(n * r, d_in).clone())  # [N r, d_in]
+        self.register_buffer("b_cat", bank.lora_b.detach().permute(0, 2, 1).reshape(n * r, -1).clone())  # [N r, d_out]
+        self.register_buffer("scales", bank.scales.detach().clone())
+        self.n, self.r = n, r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ids, w = self.router(x2)  # [T, k] each
+        coef = torch.zeros(x2.shape[0], self.n, dtype=x2.dtype, device=x2.device).scatter_add_(1, ids, w.to(x2.dtype))
+        u = ((x2 @ self.a_cat.T).view(-1, self.n, self.r) * coef[:, :, None]).sum(1)  # (Σ w_i A_i) x: [T, r]
+        mixed = (coef * self.scales)[:, :, None] * u[:, None, :]  # row t holds w_i s_i u_t for every i
+        delta = mixed.reshape(x2.shape[0], -1) @ self.b_cat  # (Σ w_i s_i B_i) u
+        return self.base(x) + delta.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def arrow_factor_model(base: torch.nn.Module, library: Sequence[ad.Adapter], names: Sequence[str], top_k: int,
+                       temperature: float = 1.0) -> torch.nn.Module:
+    """Like :func:`arrow_model` (same router and prototypes) but mixing the top-k experts' factors per token."""
+    from lora_ops.routing import ArrowRouter
+
+    model = copy.deepcopy(base)
+    banks = library_banks(library, names, next(model.parameters()).dtype)
+    for path, bank in banks.items():
+        parent, _, name = path.rpartition(".")
+        router = ArrowRouter.from_adapters(bank.lora_a.detach(), bank.lora_b.detach(), top_k, temperature)
+        setattr(model.get_submodule(parent), name, ArrowFactorMixLinear(model.get_submodule(path), bank, router))
     return model.eval()
 
 
@@ -362,6 +403,9 @@ def run(cfg: ModularConfig, out_dir, *, data_dir=None, model_dir=None, cache_dir
             if k == k_main:
                 results[f"{lib}: Arrow (k={k})"] = r
                 profiles[lib] = routing_profile(model, tok, test, len(names), max_len=setup.max_len)
+                if cfg.arrow_factor_mixing and k > 1:  # for k = 1 the two mixings are the same model
+                    results[f"{lib}: Arrow (k={k}), factors mixed"] = score(
+                        arrow_factor_model(base, lib_adapters, names, k, cfg.temperature))
         results[f"{lib}: Mu (average of factors)"] = score(mu_model(base, lib_adapters))
         results[f"{lib}: average of products (ablation)"] = score(ad.combine(base, lib_adapters, "mean"))
     seconds["evaluation"] = time.time() - t
