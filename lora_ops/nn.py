@@ -223,6 +223,15 @@ def add_delta(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return result + delta
 
 
+def lora_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as grouped_lora's input next to factors of ``dtype``: cast outside autocast (a bf16 model may carry fp32
+    factors), left as is under autocast for x's device, where the op casts x and the factors to the autocast dtype
+    like ``nn.Linear`` (a cast to the factors' fp32 first would only add two copies of x)."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
+
+
 Router = Callable[[torch.Tensor], Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -305,7 +314,7 @@ class MultiLoRALinear(nn.Module):
         ids, weights = self._resolve(x, adapter_ids, weights)
         bank = self.bank
         op = _op_override or ops.grouped_lora
-        h = self.lora_dropout(x).to(bank.lora_a.dtype)
+        h = lora_input(self.lora_dropout(x), bank.lora_a.dtype)
         delta = op(h, bank.lora_a, bank.lora_b, ids, scales=bank.scales, weights=weights,
                                  check_ids=self.check_ids)
         return add_delta(result, delta)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lora_ops import _io, ops
-from lora_ops.nn import AdapterBank, MultiLoRALinear, add_delta
+from lora_ops.nn import AdapterBank, MultiLoRALinear, add_delta, lora_input
 
 __all__ = ["load_adapters", "save_adapter", "accelerate", "deaccelerate", "merge_adapters"]
 
@@ -353,7 +353,7 @@ def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: List[
     # so gradients reach PEFT's parameters
     _, lora_a, lora_b, scales = _differentiable_bank(self) if grad else (None, st.lora_a, st.lora_b, st.scales)
     # ids come from the bank's own index: always valid, so no range check (and no reduction) is needed
-    delta = ops.grouped_lora(x.to(lora_a.dtype), lora_a, lora_b, ids, scales=scales, check_ids=False)
+    delta = ops.grouped_lora(lora_input(x, lora_a.dtype), lora_a, lora_b, ids, scales=scales, check_ids=False)
     return add_delta(result, delta)
 
 
