@@ -91,8 +91,7 @@ def test_paired_times_subtracts_the_interpolated_base(monkeypatch):
 
 def test_cases_and_errors():
     full = model.cases()
-    assert {(c.model, c.n_adapters) for c in full} == {(m, n) for m in ("smollm2-135m", "llama-h1024")
-                                                       for n in (8, 32)}
+    assert {(c.model, c.n_adapters) for c in full} == {("smollm2-135m", 8), ("smollm2-135m", 32), ("llama-h1024", 32)}
     dec = next(c for c in full if c.workload == "decode")
     assert (dec.seqs, dec.new_tokens, dec.tokens) == (32, 32, 1024)
     assert next(c for c in full if c.workload == "prefill").name == "smollm2-135m-prefill-N8-r16-16x128"

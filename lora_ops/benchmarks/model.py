@@ -67,10 +67,14 @@ MODELS = {
                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),
 }
 # the full run's shapes: (seqs, tokens per sequence (decode: prompt), new tokens); --quick: tiny ones
-SHAPES = {"prefill": (16, 128, 0), "decode": (32, 16, 32), "train": (16, 64, 0)}
+SHAPES = {"prefill": (16, 128, 0), "decode": (32, 16, 32), "train": (16, 32, 0)}
 QUICK_SHAPES = {"prefill": (4, 8, 0), "decode": (4, 4, 3), "train": (4, 8, 0)}
-# paired repetitions per case (each: 3 methods + 1 base call); decoding's PEFT loop is the slowest call
-PAIRS = {"prefill": 7, "decode": 5, "train": 4}
+# adapter counts per model of the full run: the hidden-1024 Llama (the committed case re-measured) at N = 32 only,
+# so that the whole run stays within ~8 minutes on two cores
+DEFAULT_NS = {"smollm2-135m": (8, 32), "llama-h1024": (32,), "llama-tiny": (2, 4)}
+# paired repetitions (each: the 3 methods + 1 base call): as many as BUDGET_S allows after the output checks
+# (which time one call of every method), within [MIN_PAIRS, MAX_PAIRS]
+MIN_PAIRS, MAX_PAIRS, BUDGET_S = 3, 9, 30.0
 
 
 class ResultMismatchError(RuntimeError):
@@ -104,24 +108,23 @@ class ModelCase:
 def cases(*, quick: bool = False, models: Optional[Sequence[str]] = None, workloads: Optional[Sequence[str]] = None,
           n_adapters: Optional[Sequence[int]] = None, rank: int = 16, seqs: Optional[int] = None,
           seq_len: Optional[int] = None, new_tokens: Optional[int] = None) -> list:
-    """Every model x N x workload. Default: SmolLM2-135M and the hidden-1024 Llama, N = 8 and 32, rank 16, the
-    ``SHAPES`` above; ``quick``: the tiny Llama, N = 2 and 4, ``QUICK_SHAPES``. ``seqs`` / ``seq_len`` /
+    """Every model x N x workload. Default: SmolLM2-135M (N = 8 and 32) and the hidden-1024 Llama (N = 32), rank
+    16, the ``SHAPES`` above; ``quick``: the tiny Llama, N = 2 and 4, ``QUICK_SHAPES``. ``seqs`` / ``seq_len`` /
     ``new_tokens`` override every workload's shape (experiments, tests)."""
     models = list(models or (("llama-tiny",) if quick else ("smollm2-135m", "llama-h1024")))
     workloads = list(workloads or WORKLOADS)
-    ns = sorted(set(n_adapters or ((2, 4) if quick else (8, 32))))
     for m in models:
         if m not in MODELS:
             raise ValueError(f"unknown model {m!r} (models: {', '.join(MODELS)})")
     for w in workloads:
         if w not in WORKLOADS:
             raise ValueError(f"unknown workload {w!r} (workloads: {', '.join(WORKLOADS)})")
-    if rank < 1 or min(ns) < 1:
+    if rank < 1 or min(n_adapters or (1,)) < 1:
         raise ValueError("rank and the adapter counts must be >= 1")
     shapes = QUICK_SHAPES if quick else SHAPES
     out = []
     for m in models:
-        for n in ns:
+        for n in sorted(set(n_adapters or DEFAULT_NS[m])):
             for w in workloads:
                 s, length, t = shapes[w]
                 out.append(ModelCase(m, w, n, rank, seqs or s, seq_len or length,
@@ -441,11 +444,25 @@ def _stats(values: list) -> dict:
             "max": float(max(values)), "n": len(values)}
 
 
-def run_case(case: ModelCase, wl: Workload, *, pairs: int, warmup: int = 0, seed: int = 0) -> dict:
-    """Check and time one case on a built workload; returns a JSON-ready dict."""
+def run_case(case: ModelCase, wl: Workload, *, pairs: Optional[int] = None, budget_s: float = BUDGET_S,
+             warmup: int = 0, seed: int = 0) -> dict:
+    """Check and time one case on a built workload; returns a JSON-ready dict. ``pairs`` None: as many paired
+    repetitions as ``budget_s`` allows at the speed of the checks' calls, within [MIN_PAIRS, MAX_PAIRS]."""
     others = OtherCpuMeter()
     fns, checks = make_fns(case, wl, seed=seed)
-    check = check_outputs(case, checks)
+    check_s = {}
+
+    def timed(m, f):
+        def call():
+            t0 = time.perf_counter()
+            out = f()
+            check_s[m] = time.perf_counter() - t0
+            return out
+        return call
+
+    check = check_outputs(case, {m: timed(m, f) for m, f in checks.items()})
+    if pairs is None:
+        pairs = int(min(MAX_PAIRS, max(MIN_PAIRS, budget_s // max(sum(check_s.values()), 1e-9))))
     raw = paired_times(fns, pairs=pairs, warmup=warmup, device=wl.base.device)
     timings = {m: {"median_ms": float(np.median(r["ms"])), "min_ms": float(min(r["ms"])),
                    "cpu_median_ms": float(np.median(r["cpu_ms"])), "ms": r["ms"]} for m, r in raw.items()}
@@ -466,16 +483,17 @@ def run_case(case: ModelCase, wl: Workload, *, pairs: int, warmup: int = 0, seed
 
 
 def run(case_list: Iterable[ModelCase], *, device: str | torch.device = "cpu", warmup: int = 0,
-        pairs: Optional[int] = None, seed: int = 0, model_dir: Optional[str] = None,
+        pairs: Optional[int] = None, budget_s: float = BUDGET_S, seed: int = 0, model_dir: Optional[str] = None,
         progress: Callable[[list], Iterable] = iter, reps: Optional[int] = None) -> dict:
-    """Run every case; ``pairs`` paired repetitions per case (default ``PAIRS`` per workload; ``reps`` is
-    accepted as its alias). SmolLM2 uses ``model_dir`` when given, else the fetched assets' folder when present,
+    """Run every case; ``pairs`` paired repetitions per case (default: as ``budget_s`` allows, see ``run_case``;
+    ``reps`` is accepted as its alias). SmolLM2 uses ``model_dir`` when given, else the fetched assets' folder when present,
     else a random Llama of its config. Returns ``kind="model"``, ``environment``, ``settings``, ``models``,
     ``cases``."""
     pairs = pairs or reps
     case_list = list(case_list)
     env = environment(device)
     others = OtherCpuMeter()
+    started = time.perf_counter()
     if model_dir is None and any(c.model == "smollm2-135m" for c in case_list):
         model_dir = _assets_model_dir()
     results, models = [], {}
@@ -494,13 +512,14 @@ def run(case_list: Iterable[ModelCase], *, device: str | torch.device = "cpu", w
                     wl = build_workload(base, folders, n, previous=wl, device=device)
                     for case in groups[(n, rank)]:
                         next(todo, None)
-                        results.append(run_case(case, wl, pairs=pairs or PAIRS[case.workload], warmup=warmup,
+                        results.append(run_case(case, wl, pairs=pairs, budget_s=budget_s, warmup=warmup,
                                                 seed=seed))
             del base, wl
     return {"kind": "model", "environment": env, "models": models,
-            "settings": {"warmup": warmup, "pairs": pairs or PAIRS, "seed": seed, "dtype": "float32",
+            "settings": {"warmup": warmup, "pairs": pairs or f"{MIN_PAIRS}..{MAX_PAIRS} within {budget_s:g} s per case",
+                         "seed": seed, "dtype": "float32",
                          "lora_alpha": LORA_ALPHA, "b_std": B_STD, "targets": list(TARGETS), "rel_tol": REL_TOL},
-            "other_cpu_share": others.share(), "cases": results}
+            "other_cpu_share": others.share(), "elapsed_s": round(time.perf_counter() - started, 1), "cases": results}
 
 
 def _assets_model_dir() -> Optional[str]:
@@ -537,7 +556,11 @@ def format_table(result: dict) -> str:
                      *(f(tps[m], ".0f") for m in METHODS),
                      f(max(c["check"]["accelerated"], c["check"]["wrapped"]), ".1e"), str(c["pairs"]),
                      f(None if c.get("other_cpu_share") is None else 100 * c["other_cpu_share"], ".0f")])
-    return "\n".join(lines + report.align_rows(header, rows))
+    lines += report.align_rows(header, rows)
+    if "elapsed_s" in result:
+        lines.append(f"whole run {result['elapsed_s']:.0f} s; others used "
+                     f"{100 * (result.get('other_cpu_share') or 0):.0f}% of the CPU")
+    return "\n".join(lines)
 
 
 def write_plot(result: dict, out_dir) -> Path:
