@@ -21,7 +21,9 @@ def _optimizer(kind, params):
         return torch.optim.SGD(params, lr=0.2, momentum=0.9)
     # AdamW keeps per-element state, so a stacked bank gets exactly the per-adapter updates as long as every
     # adapter is in every batch (an absent adapter would still move by its momentum and weight decay).
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    # eps well above float32 noise: Adam divides by sqrt(v), so with the default 1e-8 an element whose gradient is
+    # near zero turns summation-order rounding (batched vs per-adapter) into a visible step difference.
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, eps=1e-4)
 
 
 def _row_losses(logits, targets):

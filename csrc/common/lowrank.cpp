@@ -1,6 +1,5 @@
 #include "lowrank.h"
 
-#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
@@ -183,23 +182,6 @@ Svd3 finish_randomized_svd(const RandomizedSvdProblem& p, at::Tensor u, at::Tens
   return {u.reshape(shape({u.size(1), u.size(2)})).to(p.out_dtype).contiguous(),
           s.reshape(shape({s.size(1)})).to(p.out_dtype).contiguous(),
           vh.reshape(shape({vh.size(1), vh.size(2)})).to(p.out_dtype).contiguous()};
-}
-
-Svd3 parallel_rows(int64_t L, const std::function<Svd3(int64_t, int64_t)>& rows) {
-  const int64_t threads = at::get_num_threads();
-  if (L <= 1 || threads <= 1) return rows(0, L);
-  const int64_t chunks = std::min(L, threads);
-  std::vector<Svd3> parts(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) parts[c] = rows(L * c / chunks, L * (c + 1) / chunks);
-  });
-  std::vector<at::Tensor> x, y, z;
-  for (auto& part : parts) {
-    x.push_back(std::get<0>(part));
-    y.push_back(std::get<1>(part));
-    z.push_back(std::get<2>(part));
-  }
-  return {at::cat(x), at::cat(y), at::cat(z)};
 }
 
 }  // namespace lora_ops

@@ -55,8 +55,4 @@ Svd3 randomized_svd_rows(const RandomizedSvdProblem& p, const at::Tensor& omega,
 
 Svd3 finish_randomized_svd(const RandomizedSvdProblem& p, at::Tensor u, at::Tensor s, at::Tensor vh);
 
-// Splits [0, L) into chunks run by at::parallel_for and concatenates the per-chunk results along dim 0: LAPACK's
-// batched QR/SVD loop over matrices on one thread, so the CPU backend parallelises the batch itself.
-Svd3 parallel_rows(int64_t L, const std::function<Svd3(int64_t, int64_t)>& rows);
-
 }  // namespace lora_ops

@@ -24,6 +24,7 @@ void select_and_softmax(const ArrowRouteProblem& p, const at::Tensor& logits, at
   int64_t* out_ids = ids.mutable_data_ptr<int64_t>();
   acc_t* out_w = weights.mutable_data_ptr<acc_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
+  // Plain loops only in the region (no ATen/BLAS call): the logits GEMM ran before it, on the calling thread.
   at::parallel_for(0, p.T, grain, [&](int64_t first, int64_t last) {
     std::vector<int64_t> order(N);  // one buffer per work item, never per row
     for (int64_t t = first; t < last; ++t) {

@@ -29,6 +29,8 @@ Svd3 jacobi_svd_run(const at::Tensor& x, int64_t max_sweeps) {
     scalar_t* up = u.data_ptr<scalar_t>();
     scalar_t* sp = s.data_ptr<scalar_t>();
     scalar_t* vhp = vh.data_ptr<scalar_t>();
+    // The serial Jacobi kernel only (no ATen/LAPACK call in the region; the LAPACK fallback of jacobi_svd_cpu
+    // runs outside it).
     at::parallel_for(0, L, 1, [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> sigma(n);
       for (int64_t b = b0; b < b1; ++b) {

@@ -1,5 +1,6 @@
-// merge_lowrank on CPU: the factored merge of csrc/common/lowrank.cpp with LAPACK's SVD for the small core,
-// layers split over threads (ATen's batched QR/SVD loop over matrices on one thread).
+// merge_lowrank on CPU: the factored merge of csrc/common/lowrank.cpp with LAPACK's SVD for the small core, as
+// batched ATen calls. Not split over layers with at::parallel_for: LAPACK inside a parallel region makes MKL open
+// its own thread team there, which spins forever (each batched call parallelises inside the library instead).
 // lora_ops::_merge_lowrank_jacobi is the same merge with the CUDA backend's Jacobi core SVD: a test-only op.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -15,9 +16,7 @@ Svd3 lapack_svd(const at::Tensor& x) { return at::linalg_svd(x, /*full_matrices=
 Svd3 merge_with(const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& weights, int64_t rank,
                 const SmallSvdFn& svd) {
   const auto p = prepare_merge_lowrank(lora_a, lora_b, weights, rank);
-  auto [a, b, s] = parallel_rows(p.a.size(0), [&](int64_t begin, int64_t end) {
-    return merge_lowrank_rows(p, begin, end, svd);
-  });
+  auto [a, b, s] = merge_lowrank_rows(p, 0, p.a.size(0), svd);
   return finish_merge_lowrank(p, a, b, s);
 }
 
