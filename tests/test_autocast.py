@@ -154,6 +154,58 @@ def test_fp32_master_factors_get_fp32_gradients(device, dtype):
         assert _rel_err(g, e, floor=0) <= TOL[dtype], name
 
 
+@pytest.mark.parametrize("device,dtype", AMP)
+def test_backward_inside_the_autocast_region(device, dtype):
+    # Not the recommended pattern (backward outside autocast) but a common one: the gradients must not change.
+    _need(device)
+    x, a, b, ids, scales, weights = _problem(device, requires_grad=True)
+    with torch.autocast(device, dtype=dtype):
+        lora_ops.grouped_lora(x, a, b, ids, scales=scales, weights=weights).float().square().sum().backward()
+    inside = [t.grad for t in (x, a, b, weights)]
+    for t in (x, a, b, weights):
+        t.grad = None
+    with torch.autocast(device, dtype=dtype):
+        y = lora_ops.grouped_lora(x, a, b, ids, scales=scales, weights=weights)
+    y.float().square().sum().backward()
+    for g, w in zip(inside, (x.grad, a.grad, b.grad, weights.grad)):
+        assert torch.equal(g, w)
+
+
+def test_every_op_has_an_autocast_kernel():
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lora_ops::")]
+    assert "lora_ops::grouped_lora" in names and len(names) >= 8
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, key)]
+        assert not missing, f"no {key} kernel (csrc/autocast/other_ops.cpp): {missing}"
+
+
+@pytest.mark.parametrize("device,dtype", AMP)
+def test_other_ops_run_as_called_under_autocast(device, dtype):
+    """Their kernels' own ATen calls (GEMMs on fp32 buffers, QR, SVD) must not be autocast: results inside an
+    autocast region equal those outside, bit for bit (they used to differ by up to 0.7, and arrow_route raised)."""
+    _need(device)
+    g = torch.Generator().manual_seed(3)
+    a, b = (t.to(device) for t in make_bank(4, 8, 64, 48))
+    x = torch.randn(200, 64, generator=g).to(device)
+    ids = make_ids("uniform", (200,), 4, generator=g, device=device)
+    go = torch.randn(200, 48, generator=g).to(device)
+    m = torch.randn(3, 40, 30, generator=g).to(device)
+
+    def calls():
+        protos = lora_ops.arrow_prototypes(a, b)
+        return [*torch.ops.lora_ops.grouped_lora_backward.default(go, x, a, b, ids, None, None, [True] * 4),
+                *lora_ops.merge_lowrank(a, b, torch.rand(4, generator=torch.Generator().manual_seed(0)).to(device),
+                                        8, return_singular_values=True),
+                *lora_ops.randomized_svd(m, 5, generator=torch.Generator().manual_seed(0)),
+                protos, *lora_ops.arrow_route(x, protos, 2)]
+
+    want = calls()
+    with torch.autocast(device, dtype=dtype):
+        got = calls()
+    for i, (g_, w) in enumerate(zip(got, want)):
+        assert g_.dtype == w.dtype and torch.equal(g_, w), i
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_training_step_under_autocast(backend):
     x, a, b, ids, scales, weights = _problem("cpu", requires_grad=True)
@@ -175,8 +227,11 @@ def test_compiled_training_step_under_autocast(backend):
 
 def test_opcheck_under_autocast():
     x, a, b, ids, scales, weights = _problem("cpu", requires_grad=True)
+    go = torch.randn(37, 20)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.library.opcheck(OP, (x, a, b, ids, scales, weights, True))
+        torch.library.opcheck(torch.ops.lora_ops.grouped_lora_backward.default,
+                              (go, x.detach(), a.detach(), b.detach(), ids, scales, weights.detach(), [True] * 4))
 
 
 # ---- MultiLoRALinear and a training step ----

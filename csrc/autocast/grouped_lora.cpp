@@ -18,7 +18,8 @@ template <c10::DeviceType device>
 at::Tensor grouped_lora_autocast(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                  const at::Tensor& adapter_ids, const std::optional<at::Tensor>& scales,
                                  const std::optional<at::Tensor>& weights, bool check_ids) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  // every Autocast key off below this point: the kernels' own ATen calls must not be autocast (other_ops.cpp)
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::ScalarType to = at::autocast::get_lower_precision_fp_from_device_type(device);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lora_ops::grouped_lora", "")
