@@ -8,7 +8,8 @@ Checks: bit-identical to calling the op on explicitly cast inputs (forward and g
 fp64 references with these tolerances, relative to the reference's largest |entry| (outputs: at least 1;
 gradients and SGD updates: their own scale). Largest errors measured on CPU in brackets (bf16 / fp16):
   op output and gradients vs fp64: bf16 1.6e-2, fp16 2e-3 (tests.helpers.TOL)              [4.0e-3 / 6.3e-4]
-  MultiLoRALinear; wrapped tiny Llama logits, adapter gradients, one SGD step (fp16 with GradScaler) vs fp32:
+  MultiLoRALinear (also routed by Arrow / MoA soft); a wrapped tiny Llama's logits, adapter gradients and one
+  SGD step (fp16 through a GradScaler), vs fp32:
     bf16 4e-2, fp16 8e-3 (AMP_TOL)                                                         [5.2e-3 / 9.1e-4]
   accelerate vs PEFT's own mixed batch under the same autocast, and vs fp32: AMP_TOL         [2.2e-2 / 1.7e-3]
 CUDA cases (fp16 and bf16) run the same checks and skip without a GPU and CUDA kernels.
@@ -274,6 +275,37 @@ def test_multilora_linear_under_autocast(device, dtype):
         assert torch.equal(layer(x, ids), got[0])
     with torch.no_grad(), torch.autocast(device, dtype=dtype), lora_ops.nn.reference_op():
         assert _rel_err(layer(x, ids), got[0]) <= AMP_TOL[dtype]
+
+
+@pytest.mark.parametrize("device,dtype", AMP)
+@pytest.mark.parametrize("router", ["arrow", "moa_soft"])
+def test_routed_layer_under_autocast(device, dtype, router):
+    """A MultiLoRALinear with its own router: Arrow (arrow_route inside the region) or MoA's soft mixture (fp32
+    weights from the router, trained through grouped_lora's weight gradient)."""
+    _need(device)
+    from lora_ops.routing import ArrowRouter, MoARouter
+
+    layer = _layer(device)
+    bank = layer.bank
+    if router == "arrow":
+        layer.router = ArrowRouter.from_adapters(bank.lora_a.detach(), bank.lora_b.detach(), 2).to(device)
+    else:
+        layer.router = MoARouter(24, 3, mode="soft").to(device)
+    x = torch.randn(3, 5, 24, device=device)
+    trained = [bank.lora_a, bank.lora_b] + ([layer.router.proj.weight] if router == "moa_soft" else [])
+
+    def run(amp: bool):
+        layer.zero_grad()
+        with torch.autocast(device, dtype=dtype, enabled=amp):
+            y = layer(x)
+        y.float().square().mean().backward()
+        return y.detach(), [p.grad.clone() for p in trained]
+
+    want, got = run(False), run(True)
+    assert got[0].dtype == dtype and all(g.dtype == torch.float32 for g in got[1])
+    assert _rel_err(got[0], want[0]) <= AMP_TOL[dtype]
+    for g, w in zip(got[1], want[1]):
+        assert _rel_err(g, w, floor=0) <= AMP_TOL[dtype]
 
 
 def _tiny_llama(seed=0):
