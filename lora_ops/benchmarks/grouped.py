@@ -313,6 +313,12 @@ class Workload:
         }
         return {name: _inference(fn) for name, fn in raw.items()}
 
+    def gemm_fn(self) -> Callable:
+        """The GEMM ceiling of the case: every row through adapter 0 with two plain ``torch.mm`` (no sort, no
+        scatter), the same FLOPs as the grouped delta when every id is valid; run under inference mode."""
+        x, a, b, s = self.x, self.lora_a[0], self.lora_b[0], float(self.scales[0])
+        return _inference(lambda: torch.mm(torch.mm(x, a.T).mul_(s), b.T))
+
     def reference(self) -> torch.Tensor:
         """The whole PEFT model's output minus the base layer's: the delta every method must reproduce."""
         with torch.inference_mode():
@@ -419,6 +425,7 @@ def run_case(case: GroupedCase, *, device: str | torch.device = "cpu", dtype: to
     fns = wl.fns()
     others = OtherCpuMeter()
     timings = {m: time_fn(fns[m], device=device, warmup=warmup, reps=reps, budget_s=budget_s) for m in methods}
+    gemm = time_fn(wl.gemm_fn(), device=device, warmup=warmup, reps=reps, budget_s=budget_s)
     other_cpu_share = others.share()
     ms = {m: t.median_ms for m, t in timings.items()}
 
@@ -431,6 +438,7 @@ def run_case(case: GroupedCase, *, device: str | torch.device = "cpu", dtype: to
     nbytes = memory_floor_bytes(case, n_present, wl.x.element_size())
     floor_ms = nbytes / (bandwidth_gbps * 1e9) * 1e3
     gbps = {m: nbytes / (v * 1e-3) / 1e9 for m, v in lora_ms.items()}
+    flops = 2 * int((wl.ids >= 0).sum()) * case.rank * (case.d_in + case.d_out)
     return {
         "case": case.as_dict(),
         "n_present": n_present,
@@ -444,6 +452,9 @@ def run_case(case: GroupedCase, *, device: str | torch.device = "cpu", dtype: to
         "pct_of_peak": None if peak_gbps is None else {m: 100.0 * v / peak_gbps for m, v in gbps.items()},
         "lora_ops_gbps": gbps["lora_ops"],
         "lora_ops_pct_of_floor": 100.0 * floor_ms / ours,
+        # GFLOP/s of lora_ops and of two plain torch.mm of the same shapes in the same run (Workload.gemm_fn)
+        "gemm": {"flops": flops, "mm_ms": gemm.median_ms, "mm_gflops": flops / gemm.median_ms / 1e6,
+                 "lora_ops_gflops": flops / ours / 1e6, "lora_ops_pct_of_mm": 100.0 * gemm.median_ms / ours},
         "check": check,
         "other_cpu_share": other_cpu_share,
     }

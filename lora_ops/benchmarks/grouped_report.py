@@ -42,7 +42,8 @@ def format_table(result: dict) -> str:
         f"grouped LoRA on {env['device']} ({where}); torch {env['torch']}, lora_ops {env['lora_ops']}, "
         f"peft {env.get('peft')}; {settings['dtype']}, median of up to {settings['reps']} reps",
         f"read bandwidth {bw['gbps']:.1f} GB/s ({bw['method']}, {bw['bytes'] / 2**20:.0f} MiB); "
-        "ms columns after 'base' are LoRA deltas alone; floor = memory floor at that bandwidth",
+        "ms columns after 'base' are LoRA deltas alone; floor = memory floor at that bandwidth; mm = the same FLOPs "
+        "as two plain torch.mm (all rows through one adapter), %mm = lora_ops GF/s as % of mm's",
     ]
     peak = result.get("peak")
     if peak:
@@ -61,7 +62,7 @@ def format_table(result: dict) -> str:
     versus = [m for m in timed if m not in ("lora_ops", "lora_ops_nocheck")]
     header = (["case", "n", "base"] + [METHOD_STYLE[m][0] for m in timed] + ["floor"]
               + [f"{METHOD_STYLE[m][0]}/ops" for m in versus] + ["ops/base", "GB/s", "%floor"]
-              + (["%peak"] if peak else []) + ["maxdiff", "others%"])
+              + (["%peak"] if peak else []) + ["mm", "GF/s", "mmGF/s", "%mm", "maxdiff", "others%"])
     rows = []
     for c in result["cases"]:
         lm, r = c["lora_ms"], c["ratios"]
@@ -73,6 +74,9 @@ def format_table(result: dict) -> str:
                 _fmt(c["lora_ops_pct_of_floor"], ".0f")]
         if peak:
             row.append(_fmt((c.get("pct_of_peak") or {}).get("lora_ops"), ".1f"))
+        gemm = c.get("gemm") or {}  # absent in results written before the GEMM ceiling was timed
+        row += [_fmt(gemm.get("mm_ms"), ".3f"), _fmt(gemm.get("lora_ops_gflops"), ".1f"),
+                _fmt(gemm.get("mm_gflops"), ".1f"), _fmt(gemm.get("lora_ops_pct_of_mm"), ".0f")]
         row += [_fmt(c["check"]["lora_ops"]["max_abs_diff"], ".1e"),
                 _fmt(None if share is None else 100 * share, ".0f")]
         rows.append(row)

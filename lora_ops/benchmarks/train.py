@@ -6,7 +6,9 @@ Every case times, in one run, on the same weights, inputs and output gradient (`
 - ``loop``: the segment-loop composite with autograd (stable sort by adapter, two matmuls per adapter present,
   index_add back: ``grouped.segment_loop_delta``);
 - ``gather_bmm``: gather A/B per row + two bmm with autograd (``grouped.gather_bmm_delta``; skipped by ``quick``);
-- ``lora_ops``: ``lora_ops.grouped_lora`` with its registered autograd.
+- ``lora_ops``: ``lora_ops.grouped_lora`` with its registered autograd;
+- ``mm``: the GEMM ceiling: every row through one adapter, ``(x @ A0ᵀ · s) @ B0ᵀ`` with plain ``torch.mm`` and
+  autograd (two GEMMs forward, four backward, no sort or scatter): the same FLOPs as the grouped step.
 
 The last three time the LoRA delta's forward plus ``torch.autograd.grad`` for x, lora_a and lora_b. Before timing,
 every method's gradients are checked against the loop's (relative max error <= REL_TOL).
@@ -30,7 +32,7 @@ from lora_ops.benchmarks.timing import OtherCpuMeter, environment, time_fn
 __all__ = ["METHODS", "LORA_METHODS", "TrainCase", "TrainWorkload", "cases", "methods_for", "build_workload",
            "check_grads", "run_case", "run", "format_table", "write_report"]
 
-METHODS = ("base", "loop", "gather_bmm", "lora_ops")
+METHODS = ("base", "loop", "gather_bmm", "lora_ops", "mm")
 LORA_METHODS = ("loop", "gather_bmm", "lora_ops")
 REL_TOL = 1e-3
 SCALE = 2.0  # lora_alpha / r = 32 / 16: a non-unit scale, so a dropped scale would fail the check
@@ -81,11 +83,14 @@ class TrainWorkload:
             return lambda: torch.autograd.grad(delta(), (x, a, b), go)
 
         base_params = (x, self.base.weight, self.base.bias)
+        a0, b0 = (t[0].detach().clone().requires_grad_() for t in (a, b))
+        s0 = float(s[0])
         return {
             "base": lambda: torch.autograd.grad(self.base(x), base_params, go),
             "loop": step(lambda: segment_loop_delta(x, a, b, ids, s)),
             "gather_bmm": step(lambda: gather_bmm_delta(x, a, b, ids, s)),
             "lora_ops": step(lambda: lora_ops.grouped_lora(x, a, b, ids, scales=s)),
+            "mm": lambda: torch.autograd.grad(torch.mm(torch.mm(x, a0.T) * s0, b0.T), (x, a0, b0), go),
         }
 
 
@@ -140,8 +145,13 @@ def run_case(case: TrainCase, *, device: str | torch.device = "cpu", warmup: int
     ms = {m: t.median_ms for m, t in timings.items()}
     ratios = {f"{m}/lora_ops": ms[m] / ms["lora_ops"] for m in ("loop", "gather_bmm") if m in ms}
     ratios["lora_ops/base"] = ms["lora_ops"] / ms["base"]
+    # useful FLOPs of a step (2 GEMMs forward, 4 backward; lora_ops' recomputed shrink not counted)
+    flops = 3 * 2 * case.tokens * case.rank * (case.d_in + case.d_out)
+    gflops = {m: flops / ms[m] / 1e6 for m in ("lora_ops", "mm", "loop") if m in ms}
     return {"case": case.as_dict(), "n_present": int(wl.ids.unique().numel()), "methods": list(methods),
             "timings": {m: t.as_dict() for m, t in timings.items()}, "ms": ms, "ratios": ratios, "check": check,
+            "gemm": {"flops": flops, "gflops": gflops,
+                     "lora_ops_pct_of_mm": 100.0 * ms["mm"] / ms["lora_ops"] if "mm" in ms else None},
             "other_cpu_share": others.share()}
 
 
@@ -165,15 +175,22 @@ def format_table(result: dict) -> str:
     where = env.get("gpu_name") or f"{env['cpu_model']}, {env['threads']} threads"
     lines = [f"LoRA training step (forward + backward, grads for x, A, B) on {env['device']} ({where}); "
              f"torch {env['torch']}, lora_ops {env['lora_ops']}; float32, median of {result['settings']['reps']} "
-             "reps; base = the base Linear's own fwd+bwd; other columns are the LoRA delta alone"]
-    header = ["case", "base", "loop", "gbmm", "lora_ops", "loop/ops", "gbmm/ops", "ops/base", "reldiff", "others%"]
+             "reps; base = the base Linear's own fwd+bwd; other columns are the LoRA delta alone; mm = the same "
+             "FLOPs through one adapter with plain torch.mm (the GEMM ceiling); GF/s of the step's 6 GEMMs' FLOPs, "
+             "%mm = lora_ops GF/s as % of mm's"]
+    header = ["case", "base", "loop", "gbmm", "lora_ops", "mm", "loop/ops", "gbmm/ops", "ops/base", "GF/s",
+              "mmGF/s", "%mm", "reldiff", "others%"]
     rows = []
     for c in result["cases"]:
         ms, r, share = c["ms"], c["ratios"], c.get("other_cpu_share")
+        gemm = c.get("gemm", {}).get("gflops", {})
         rows.append([c["case"]["name"], report._fmt(ms["base"], ".2f"), report._fmt(ms.get("loop"), ".2f"),
                      report._fmt(ms.get("gather_bmm"), ".2f"), report._fmt(ms["lora_ops"], ".2f"),
+                     report._fmt(ms.get("mm"), ".2f"),
                      report._fmt(r.get("loop/lora_ops"), ".2f"), report._fmt(r.get("gather_bmm/lora_ops"), ".2f"),
-                     report._fmt(r["lora_ops/base"], ".3f"), report._fmt(c["check"]["lora_ops"]["rel_diff"], ".1e"),
+                     report._fmt(r["lora_ops/base"], ".3f"), report._fmt(gemm.get("lora_ops"), ".1f"),
+                     report._fmt(gemm.get("mm"), ".1f"), report._fmt(c.get("gemm", {}).get("lora_ops_pct_of_mm"), ".0f"),
+                     report._fmt(c["check"]["lora_ops"]["rel_diff"], ".1e"),
                      report._fmt(None if share is None else 100 * share, ".0f")])
     return "\n".join(lines + report.align_rows(header, rows))
 
@@ -192,7 +209,7 @@ def write_plot(result: dict, out_dir) -> Path:
         xs = [j + i * width for j, c in enumerate(cases_) if m in c["ms"]]
         ys = [c["ms"][m] for c in cases_ if m in c["ms"]]
         if xs:
-            ax.bar(xs, ys, width, label=m if m != "base" else "base Linear (fwd+bwd)")
+            ax.bar(xs, ys, width, label={"base": "base Linear (fwd+bwd)", "mm": "torch.mm, one adapter"}.get(m, m))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases_))],
                   [c["case"]["name"].removeprefix("train-") for c in cases_], fontsize=7)
     ax.set_yscale("log")
