@@ -2,13 +2,13 @@
 //
 // With h = A_i x_t, g = B_iᵀ dy_t and f = scale_i * w_tj for each valid (row t, slot j) pair using adapter i:
 //   dx_t  = Σ_j f A_iᵀ g      dA_i = Σ_pairs f g x_tᵀ      dB_i = Σ_pairs f dy_t hᵀ      dw_tj = scale_i <g, h>
-// Pairs are grouped by adapter exactly as in the forward (cpu::group_pairs), then x and dy rows are gathered once
-// in sorted pair order, so every group is a contiguous block of rows and every product is one GEMM through ATen
-// that reads A_i / B_i once: five GEMMs per group, no per-row copy of A or B. Groups run one after another, each
-// GEMM threaded by BLAS itself: BLAS is never called inside at::parallel_for (MKL's threaded path spins forever
-// there), and only the pure row copies run under at::parallel_for.
-// Every group writes disjoint memory (its rows of the sorted buffers, dA_i, dB_i); dx is scattered back once at
-// the end (index_add_ when top-k rows receive several groups).
+// Pairs are grouped by adapter exactly as in the forward (cpu::group_pairs). A group whose rows are one run of
+// consecutive rows (a training sequence, k = 1) is used in place: views of x, dy and dx. Any other group gathers
+// its x / dy rows into contiguous blocks (fp32 for half inputs) and scatters its dx rows back (added for top-k).
+// Either way every product is one GEMM through ATen that reads A_i / B_i once: five GEMMs per group, no per-row
+// copy of A or B. Groups run one after another, each GEMM threaded by BLAS itself: BLAS is never called inside
+// at::parallel_for (MKL's threaded path spins forever there); only the pure row copies run under it.
+// Every group writes disjoint memory (its rows of the sorted h / g buffers, dA_i, dB_i, its dx rows).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -66,37 +66,36 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     const at::Tensor f_col = f.unsqueeze(1);
 
     const bool need_h = need_b || need_w, need_g = need_x || need_a || need_w;
-    at::Tensor xs, dys;
-    if (need_h || need_a) {
-      xs = at::empty({n_valid, p.d_in}, acc);
-      copy_rows(p.x, row_of, xs, false);
-    }
-    if (need_g || need_b) {
-      dys = at::empty({n_valid, p.d_out}, acc);
-      copy_rows(dy, row_of, dys, false);
-    }
+    const bool need_xs = need_h || need_a, need_dys = need_g || need_b;
+    const bool same_dtype = x.dtype() == acc.dtype();
     at::Tensor hs = need_h ? at::empty({n_valid, p.r}, acc) : at::Tensor();
     at::Tensor gs = need_g ? at::empty({n_valid, p.r}, acc) : at::Tensor();
-    at::Tensor dxs = need_x ? at::empty({n_valid, p.d_in}, acc) : at::Tensor();
-
     at::Tensor hfs = need_b ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * h
     at::Tensor gfs = (need_x || need_a) ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * g
-    // Adapter i's factors in acc_t, converted once per group for fp16/bf16 (views for fp32/fp64).
-    std::vector<at::Tensor> a_acc(groups.size()), b_acc(groups.size());
-    for (size_t g = 0; g < groups.size(); ++g) {
-      a_acc[g] = p.lora_a.select(0, groups[g].adapter).to(acc.dtype());  // [r, d_in]
-      b_acc[g] = p.lora_b.select(0, groups[g].adapter).to(acc.dtype());  // [d_out, r]
-    }
     // One group at a time, its five products as whole-group BLAS GEMMs: BLAS threads each of them itself, and no
     // BLAS call runs inside at::parallel_for (MKL's threaded path hangs there). Outputs are disjoint per group.
-    for (size_t gi = 0; gi < groups.size(); ++gi) {
-      const int64_t i = groups[gi].adapter, b = groups[gi].begin, n = groups[gi].end - b;
+    for (const cpu::Group& grp : groups) {
+      const int64_t i = grp.adapter, b = grp.begin, n = grp.end - b;
+      const std::vector<int64_t> rows(row_of.begin() + b, row_of.begin() + grp.end);
+      // A run of consecutive rows (a training sequence, k = 1) is used in place: views of x, dy and dx. Any other
+      // group gathers its x / dy rows (fp32 for half inputs) and scatters its dx rows back.
+      bool run = p.k == 1 && same_dtype;
+      for (int64_t j = 1; j < n && run; ++j) run = rows[j] == rows[0] + j;
+      at::Tensor xs_g, dys_g;
+      if (need_xs) {
+        xs_g = run ? p.x.narrow(0, rows[0], n) : at::empty({n, p.d_in}, acc);
+        if (!run) copy_rows(p.x, rows, xs_g, false);
+      }
+      if (need_dys) {
+        dys_g = run ? dy.narrow(0, rows[0], n) : at::empty({n, p.d_out}, acc);
+        if (!run) copy_rows(dy, rows, dys_g, false);
+      }
+      const at::Tensor a_i = p.lora_a.select(0, i).to(acc.dtype());  // [r, d_in], a view for fp32/fp64
+      const at::Tensor b_i = p.lora_b.select(0, i).to(acc.dtype());  // [d_out, r]
       const at::Tensor f_blk = f_col.narrow(0, b, n);
-      const at::Tensor xs_g = xs.defined() ? xs.narrow(0, b, n) : at::Tensor();
-      const at::Tensor dys_g = dys.defined() ? dys.narrow(0, b, n) : at::Tensor();
       if (need_h) {
         at::Tensor h = hs.narrow(0, b, n);
-        at::mm_out(h, xs_g, a_acc[gi].t());
+        at::mm_out(h, xs_g, a_i.t());
         if (need_b) {
           at::Tensor hf = hfs.narrow(0, b, n);
           at::mul_out(hf, h, f_blk);
@@ -107,13 +106,19 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
       }
       if (need_g) {
         at::Tensor gr = gs.narrow(0, b, n);
-        at::mm_out(gr, dys_g, b_acc[gi]);
+        at::mm_out(gr, dys_g, b_i);
         if (need_x || need_a) {
           at::Tensor gf = gfs.narrow(0, b, n);
           at::mul_out(gf, gr, f_blk);
           if (need_x) {
-            at::Tensor dx = dxs.narrow(0, b, n);
-            at::mm_out(dx, gf, a_acc[gi]);
+            if (run) {
+              at::Tensor dx = gx.narrow(0, rows[0], n);  // k = 1: only this group writes these rows
+              at::mm_out(dx, gf, a_i);
+            } else if (p.k == 1) {
+              copy_rows(at::mm(gf, a_i), rows, gx, true);
+            } else {
+              cpu::add_rows(at::mm(gf, a_i), rows, gx);  // top-k rows sum their slots' contributions
+            }
           }
           if (need_a) {
             at::Tensor da = ga.select(0, i);
@@ -124,14 +129,6 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     }
 
     if (need_w) gw.index_copy_(0, pairs, (gs * hs).sum(1) * scale);
-    if (need_x) {
-      // k = 1: every row is one pair, so a copy; top-k rows sum their slots' contributions.
-      if (p.k == 1) {
-        copy_rows(dxs, row_of, gx, true);
-      } else {
-        gx.index_add_(0, at::tensor(row_of, at::kLong), dxs);
-      }
-    }
   }
 
   // Not-requested gradients are empty tensors of shape [0] (a schema return cannot be None), one per output:
