@@ -77,7 +77,7 @@ CASES = {
             v = torch.linalg.qr(torch.randn(*lead, n, rank, generator=g))[0]
             sv = torch.linspace(10, 1, rank).expand(*lead, rank)
             x = (u * sv.unsqueeze(-2)) @ v.transpose(-1, -2)
-            U, S, Vh = lora_ops.randomized_svd(x, rank, seed=1)
+            U, S, Vh = lora_ops.randomized_svd(x, rank, generator=torch.Generator().manual_seed(1))
             torch.testing.assert_close(S, sv, atol=1e-4, rtol=1e-4)  # exact by construction (no dense SVD)
             torch.testing.assert_close(((U * S.unsqueeze(-2)) @ Vh).double(), x.double(), atol=1e-4, rtol=1e-4)
     """,
