@@ -84,6 +84,7 @@ class JobConfig:
     log_every: int = 1
     base_dtype: str = "float32"
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
+    micro_batch_rows: int = 0  # rows per forward/backward pass (gradients accumulate over a step); 0: all at once
 
     def fingerprint(self) -> dict:
         """What a checkpoint must agree with to be resumed (``steps`` may grow, paths may move)."""
@@ -193,7 +194,8 @@ def parse_config(raw: Mapping[str, Any], root: Union[str, os.PathLike, None] = N
         weight_decay=_number(raw.get("weight_decay", JobConfig.weight_decay), "weight_decay"),
         checkpoint_every=_int(raw.get("checkpoint_every", JobConfig.checkpoint_every), "checkpoint_every", 0),
         log_every=_int(raw.get("log_every", JobConfig.log_every), "log_every", 1),
-        base_dtype=base_dtype, parallel=parallel)
+        base_dtype=base_dtype, parallel=parallel,
+        micro_batch_rows=_int(raw.get("micro_batch_rows", JobConfig.micro_batch_rows), "micro_batch_rows", 0))
 
 
 def load_config(path: Union[str, os.PathLike]) -> JobConfig:
@@ -587,6 +589,28 @@ def _loss_sums(model, ids, mask, att, owner: torch.Tensor, n: int) -> torch.Tens
     return torch.zeros(n, dtype=row.dtype, device=row.device).index_add(0, owner, row)
 
 
+def _micro_batches(mine: List[int], size: int, total: int, world: int) -> List[List[int]]:
+    """This rank's rows in the same number of near-equal chunks on every rank (each of at most ``size`` rows;
+    0: one chunk), so that FSDP's and DDP's collectives stay matched; an empty chunk (a rank one row short)
+    runs a loss-free pass."""
+    most = -(-total // world)
+    m = 1 if not size else -(-most // size)
+    base, extra = divmod(len(mine), m)
+    out, i = [], 0
+    for c in range(m):
+        j = i + base + (c < extra)
+        out.append(mine[i:j])
+        i = j
+    return out
+
+
+def _sync(wrapped: nn.Module, last: bool):
+    """DDP all-reduces only on a step's last micro-batch (``no_sync`` before it); other models accumulate as is."""
+    import contextlib
+
+    return contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+
+
 def _postfix(names: Sequence[str], losses: Sequence[float], limit: int = 6) -> str:
     parts = [f"{n}={v:.3f}" for n, v in zip(names[:limit], losses[:limit])]
     if len(names) > limit:
@@ -662,18 +686,26 @@ def train(cfg: Union[JobConfig, Mapping[str, Any], str, os.PathLike], *, resume:
             counts[i] += sum(row["loss"][1:])
         counts = counts.clamp(min=1).to(dev)
         mine = list(range(r, len(rows), w))
-        ids, mask, att = _collate([rows[j] for j in mine], tok.pad_id, dev)
-        owner = owner_all[mine].to(dev)
-        for layer in layers:
-            layer.set_adapter_ids(owner)
-        sums = _loss_sums(wrapped, ids, mask, att, owner, n)
-        loss = (sums / counts).sum()
+        chunks = _micro_batches(mine, cfg.micro_batch_rows, len(rows), w)
         opt.zero_grad()
-        (loss * w).backward()  # DDP / FSDP average gradients over ranks; each holds its share of the global sum
+        sums, step_tokens = torch.zeros(n, device=dev), 0
+        for c, chunk in enumerate(chunks):
+            part_rows = [rows[j] for j in chunk] or [dict(rows[mine[0]], loss=[0] * len(rows[mine[0]]["ids"]))]
+            ids, mask, att = _collate(part_rows, tok.pad_id, dev)
+            owner = owner_all[chunk or mine[:1]].to(dev)
+            for layer in layers:
+                layer.set_adapter_ids(owner)
+            part = _loss_sums(wrapped, ids, mask, att, owner, n)
+            # every micro-batch divides by the step's token counts, so the accumulated gradient is the whole
+            # step's; DDP / FSDP average gradients over ranks, each rank holds its share of the global sum
+            with _sync(wrapped, c == len(chunks) - 1):
+                ((part / counts).sum() * w).backward()
+            sums += part.detach().float()
+            step_tokens += int(att.sum()) if chunk else 0
         norms = opt.step()
-        tokens += int(att.sum())
+        tokens += step_tokens
         if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
-            stats = torch.cat([sums.detach().float(), torch.tensor([float(att.sum())], device=dev)])
+            stats = torch.cat([sums, torch.tensor([float(step_tokens)], device=dev)])
             if w > 1:
                 dist.all_reduce(stats)
             per = (stats[:n] / counts).tolist()

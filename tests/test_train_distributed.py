@@ -44,14 +44,16 @@ def _torchrun(cfg, *flags):
     assert done.stdout.count("trained 3 adapters") == 1  # rank 0 reports, once
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(single, tmp_path, parallel):
+@pytest.mark.parametrize("parallel, micro", [("ddp", 0), ("fsdp", 0), ("ddp", 2)])
+def test_two_processes_match_one(single, tmp_path, parallel, micro):
     """DDP straight through; FSDP2 in two launches (2 steps, then --resume to 4), which also checks that sharded
-    banks and optimizer state are gathered into the checkpoint and sharded again on resume."""
+    banks and optimizer state are gathered into the checkpoint and sharded again on resume; DDP with micro-batches
+    of 2 of each rank's 3 rows (gradients accumulate under ``no_sync``, one all-reduce per step)."""
     setup, one = single
+    extra = {"micro_batch_rows": micro} if micro else {}
     if parallel == "fsdp":
-        _torchrun(write_config(setup, tmp_path / parallel, steps=STEPS // 2, parallel=parallel))
-    _torchrun(write_config(setup, tmp_path / parallel, steps=STEPS, parallel=parallel), "--resume")
+        _torchrun(write_config(setup, tmp_path / parallel, steps=STEPS // 2, parallel=parallel, **extra))
+    _torchrun(write_config(setup, tmp_path / parallel, steps=STEPS, parallel=parallel, **extra), "--resume")
     run = json.loads((tmp_path / parallel / "run.json").read_text())
     assert run["world"] == 2 and run["parallel"] == parallel
     assert run["banks_sharded"] == (parallel == "fsdp")

@@ -57,6 +57,30 @@ def test_adapter_trained_with_others_equals_adapter_trained_alone(setup, tmp_pat
         assert many["loss"][spec["name"]] == pytest.approx(alone["loss"][spec["name"]], rel=1e-5)
 
 
+@pytest.mark.parametrize("micro", [1, 4])
+def test_micro_batches_accumulate_the_whole_step(setup, tmp_path, micro):
+    """6 rows per step in chunks of 1 or 4 rows: the same adapters, losses and token counts as one pass."""
+    whole = job.train(write_config(setup, tmp_path / "whole", steps=3), progress=False)
+    parts = job.train(write_config(setup, tmp_path / "parts", steps=3, micro_batch_rows=micro), progress=False)
+    assert parts["tokens"] == whole["tokens"]
+    for spec in ADAPTERS:
+        want = _adapter_tensors(whole["adapters"][spec["name"]], "")
+        got = _adapter_tensors(parts["adapters"][spec["name"]], "")
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+        assert parts["loss"][spec["name"]] == pytest.approx(whole["loss"][spec["name"]], rel=1e-5)
+
+
+def test_micro_batch_chunks_match_across_ranks():
+    # 7 rows over 2 ranks (4 and 3), at most 2 rows per pass: both ranks make 2 passes
+    assert job._micro_batches([0, 2, 4, 6], 2, 7, 2) == [[0, 2], [4, 6]]
+    assert job._micro_batches([1, 3, 5], 2, 7, 2) == [[1, 3], [5]]
+    # 3 rows over 2 ranks, 1 row per pass: the short rank runs a loss-free pass
+    assert job._micro_batches([0, 2], 1, 3, 2) == [[0], [2]]
+    assert job._micro_batches([1], 1, 3, 2) == [[1], []]
+    assert job._micro_batches([0, 1, 2], 0, 3, 1) == [[0, 1, 2]]
+
+
 def test_outputs_load_in_peft_with_our_logits(setup, tmp_path):
     summary = job.train(write_config(setup, tmp_path / "run", steps=3), progress=False)
     model = summary["model"]
@@ -113,6 +137,7 @@ def test_bf16_base_keeps_float32_adapters(setup, tmp_path):
     (lambda c: c["adapters"][0].update(name="x/y"), "name"),
     (lambda c: c.update(adapters=[]), "non-empty list"),
     (lambda c: c.update(base_dtype="float8"), "base_dtype"),
+    (lambda c: c.update(micro_batch_rows=-1), "micro_batch_rows"),
     (lambda c: c["adapters"][1].update(data="bad.jsonl"), r"bad.jsonl:2: a row must be"),
 ])
 def test_bad_config_fails_before_training(setup, tmp_path, capsys, change, message):

@@ -10,6 +10,9 @@ steps on the same rows (each adapter's own ``DataStream``), with per-adapter bat
 - ``base``: the frozen base alone, forward + backward (activation gradients) over the job's whole batch: the
   floor of any multi-adapter job, so ``peft / base`` bounds the speed-up a multi-adapter job can reach.
 
+The job and the base run a step in passes of at most ``PASS_TOKENS`` tokens (the job's ``micro_batch_rows``:
+gradients accumulate), which bounds memory at N = 16 × 8 × 128 tokens; PEFT's per-adapter batches fit in one pass.
+
 The base is a random Llama of SmolLM2-135M's shape (``SMOLLM2_135M``: 30 layers, hidden 576, 9 heads / 3 KV heads,
 MLP 1536, vocab 49152, tied embeddings; ``--quick`` keeps 4 of its layers) unless ``model_dir`` names a local model
 folder. Check: at step 0 every
@@ -19,6 +22,7 @@ adapter's B is zero, so PEFT's and the job's first-step losses must agree (same 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -43,6 +47,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RANK, ALPHA, LR = 16, 32.0, 1e-3
 QUICK_LAYERS = 4  # --quick keeps 4 of the 30 layers (width, heads and vocabulary unchanged)
 LOSS_RTOL = 1e-3
+PASS_TOKENS = 2048  # tokens per forward/backward pass of the job and of the base (micro-batches; bounds memory)
 
 
 class ResultMismatchError(RuntimeError):
@@ -116,9 +121,13 @@ def _make_data(folder: Path, n: int, seq: int) -> list:
 
 def _config(base: str, out: Path, data: list, case: TrainManyCase, steps: int) -> dict:
     return {"base": base, "out": str(out), "steps": steps, "seed": 0, "rows_per_adapter": case.rows,
-            "max_len": case.seq, "checkpoint_every": 0, "log_every": 1,
+            "max_len": case.seq, "checkpoint_every": 0, "log_every": 1, "micro_batch_rows": _pass_rows(case.seq),
             "adapters": [{"name": f"a{i}", "data": data[i], "r": RANK, "alpha": ALPHA, "targets": TARGETS, "lr": LR}
                          for i in range(case.n_adapters)]}
+
+
+def _pass_rows(seq: int) -> int:
+    return max(1, PASS_TOKENS // seq)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,14 +204,18 @@ def _time_base(base_dir: str, cfg: dict, warmup: int, reps: int) -> float:
     for spec in cfg["adapters"]:
         rows += DataStream(read_rows(spec["data"], tok, cfg["max_len"]), cfg["seed"], spec["name"],
                            cfg["rows_per_adapter"]).batch(0)
-    ids, mask, att = collate(rows, tok.pad_id)
+    size = _pass_rows(cfg["max_len"])
+    passes = [collate(rows[i:i + size], tok.pad_id) for i in range(0, len(rows), size)]
+    count = sum(mask[:, 1:].sum() for _, mask, _ in passes)
     emb = model.get_input_embeddings()
     for step in range(warmup + reps):
         if step == warmup:
             t0 = time.perf_counter()
-        x = emb(ids).detach().requires_grad_()
-        logits = model(inputs_embeds=x, attention_mask=att, use_cache=False).logits
-        (row_ce_sums(logits, ids, mask).sum() / mask[:, 1:].sum()).backward()
+        for ids, mask, att in passes:  # the job's micro-batches
+            x = emb(ids).detach().requires_grad_()
+            logits = model(inputs_embeds=x, attention_mask=att, use_cache=False).logits
+            (row_ce_sums(logits, ids, mask).sum() / count).backward()
+            del x, logits
     return (time.perf_counter() - t0) / reps
 
 
@@ -249,6 +262,7 @@ def run(case_list: Iterable[TrainManyCase], *, device: str = "cpu", warmup: int 
             entry["tokens_per_s"] = {m: entry["tokens_per_step"] / s for m, s in entry["seconds_per_step"].items()}
             entry["other_cpu_share"] = others.share()
             results.append(entry)
+            gc.collect()  # each method's model and activations go before the next case
     for e in results:  # DDP speed-up over the same case in one process
         if e["case"]["processes"] > 1:
             one = next((o for o in results if o["case"]["processes"] == 1 and all(
@@ -258,6 +272,7 @@ def run(case_list: Iterable[TrainManyCase], *, device: str = "cpu", warmup: int 
     return {"kind": "train-many", "environment": env, "model": model_info,
             "settings": {"quick": quick, "warmup": warmup, "reps": reps, "rank": RANK, "alpha": ALPHA,
                          "targets": TARGETS, "threads": threads, "ddp_threads_per_process": "threads // processes",
+                         "pass_tokens": PASS_TOKENS,
                          "dtype": "float32"},
             "cases": results}
 
