@@ -6,8 +6,8 @@
 // consecutive rows (a training sequence, k = 1) is used in place: views of x, dy and dx. Any other group gathers
 // its x / dy rows into contiguous blocks (fp32 for half inputs) and scatters its dx rows back (added for top-k).
 // Either way every product is one GEMM through ATen that reads A_i / B_i once: five GEMMs per group, no per-row
-// copy of A or B. Groups run one after another, each GEMM threaded by BLAS itself: BLAS is never called inside
-// at::parallel_for (MKL's threaded path spins forever there); only the pure row copies run under it.
+// copy of A or B. BLAS is never called inside at::parallel_for (MKL's threaded path spins forever there); groups run
+// side by side through cpu::split_blas_items when k = 1, else one after another; only pure row copies use parallel_for.
 // Every group writes disjoint memory (its rows of the sorted h / g buffers, dA_i, dB_i, its dx rows).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../common/grouped_lora_args.h"
+#include "blas_split.h"
 #include "grouping.h"
 
 namespace lora_ops {
@@ -72,9 +73,10 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     at::Tensor gs = need_g ? at::empty({n_valid, p.r}, acc) : at::Tensor();
     at::Tensor hfs = need_b ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * h
     at::Tensor gfs = (need_x || need_a) ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * g
-    // One group at a time, its five products as whole-group BLAS GEMMs: BLAS threads each of them itself, and no
-    // BLAS call runs inside at::parallel_for (MKL's threaded path hangs there). Outputs are disjoint per group.
-    for (const cpu::Group& grp : groups) {
+    // Each group's five products are whole-group BLAS GEMMs, never inside at::parallel_for (MKL's threaded path
+    // hangs there). Outputs are disjoint per group when k = 1, so groups run side by side (largest first, each with
+    // sequential BLAS, cpu::split_blas_items); top-k groups share dx rows and run one at a time, BLAS threading each.
+    auto run_group = [&](const cpu::Group& grp) {
       const int64_t i = grp.adapter, b = grp.begin, n = grp.end - b;
       const std::vector<int64_t> rows(row_of.begin() + b, row_of.begin() + grp.end);
       // A run of consecutive rows (a training sequence, k = 1) is used in place: views of x, dy and dx. Any other
@@ -126,6 +128,15 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
           }
         }
       }
+    };
+    if (p.k == 1) {
+      std::vector<cpu::Group> by_size(groups);
+      std::stable_sort(by_size.begin(), by_size.end(), [](const cpu::Group& a, const cpu::Group& b) {
+        return a.end - a.begin > b.end - b.begin;
+      });
+      cpu::split_blas_items(static_cast<int64_t>(by_size.size()), [&](int64_t g) { run_group(by_size[g]); });
+    } else {
+      for (const cpu::Group& grp : groups) run_group(grp);
     }
 
     if (need_w) gw.index_copy_(0, pairs, (gs * hs).sum(1) * scale);
