@@ -5,8 +5,8 @@
 // - long groups (>= cpu::kGemmPairs pairs: prefill sequences, training batches): two BLAS GEMMs through ATen,
 //     h = f ⊙ (X_g A_iᵀ), Y_g += h B_iᵀ, on views of x and the output when the group is one run of consecutive
 //     rows, else on gathered rows. They are called one group at a time from the serial loop, so BLAS threads each
-//     GEMM itself, or (k = 1: disjoint rows) side by side through cpu::split_blas_items with sequential BLAS per
-//     group; no BLAS call ever runs inside at::parallel_for (MKL's threaded path hangs there).
+//     GEMM itself, or (k = 1: disjoint rows) side by side through cpu::split_blas_items, which sets MKL sequential
+//     in each thread (MKL's threaded path inside at::parallel_for hangs).
 // - short groups (decode batches), pure loops under at::parallel_for:
 //     shrink: h[p] = scale[id] * w[p] * (A[id] @ x[row(p)])   work items = (group, chunk of <= kChunk pairs)
 //     expand: y[row(p)] += B[id] @ h[p]                        work items = tiles of kTile output columns
@@ -35,8 +35,8 @@ using cpu::group_pairs;
 using cpu::kTile;
 constexpr int64_t kChunk = 16;  // pairs per shrink work item: splits one long group over threads
 
-// One long group through two BLAS GEMMs in acc_t (fp16/bf16 rows are converted while gathered). Never called inside
-// at::parallel_for; concurrently only for groups with disjoint output rows.
+// One long group through two BLAS GEMMs in acc_t (fp16/bf16 rows are converted while gathered). Called from the
+// serial loop or through cpu::split_blas_items (groups with disjoint output rows only).
 template <typename scalar_t>
 void gemm_group(const GroupedLoraProblem& p, const int64_t* pairs, int64_t n, int64_t adapter,
                 const at::opmath_type<scalar_t>* scales, const at::opmath_type<scalar_t>* weights, at::Tensor& acc) {

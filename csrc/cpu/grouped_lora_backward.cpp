@@ -6,8 +6,8 @@
 // consecutive rows (a training sequence, k = 1) is used in place: views of x, dy and dx. Any other group gathers
 // its x / dy rows into contiguous blocks (fp32 for half inputs) and scatters its dx rows back (added for top-k).
 // Either way every product is one GEMM through ATen that reads A_i / B_i once: five GEMMs per group, no per-row
-// copy of A or B. BLAS is never called inside at::parallel_for (MKL's threaded path spins forever there); groups run
-// side by side through cpu::split_blas_items when k = 1, else one after another; only pure row copies use parallel_for.
+// copy of A or B. Groups run side by side through cpu::split_blas_items when k = 1 (MKL set sequential in each
+// thread: its threaded path inside at::parallel_for spins forever), else one after another, BLAS-threaded.
 // Every group writes disjoint memory (its rows of the sorted h / g buffers, dA_i, dB_i, its dx rows).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -73,9 +73,9 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     at::Tensor gs = need_g ? at::empty({n_valid, p.r}, acc) : at::Tensor();
     at::Tensor hfs = need_b ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * h
     at::Tensor gfs = (need_x || need_a) ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * g
-    // Each group's five products are whole-group BLAS GEMMs, never inside at::parallel_for (MKL's threaded path
-    // hangs there). Outputs are disjoint per group when k = 1, so groups run side by side (largest first, each with
-    // sequential BLAS, cpu::split_blas_items); top-k groups share dx rows and run one at a time, BLAS threading each.
+    // Each group's five products are whole-group BLAS GEMMs. Outputs are disjoint per group when k = 1, so groups
+    // run side by side (largest first, sequential BLAS each, cpu::split_blas_items); top-k groups share dx rows and
+    // run one at a time, BLAS threading each GEMM.
     auto run_group = [&](const cpu::Group& grp) {
       const int64_t i = grp.adapter, b = grp.begin, n = grp.end - b;
       const std::vector<int64_t> rows(row_of.begin() + b, row_of.begin() + grp.end);

@@ -1,6 +1,6 @@
 // merge_lowrank on CPU: the factored merge of csrc/common/lowrank.cpp with LAPACK's SVD for the small core, as
-// batched ATen calls. A batch of layers is split over threads by cpu::split_blas (sequential MKL per piece, never
-// inside at::parallel_for: LAPACK there makes MKL open its own thread team, which spins forever).
+// batched ATen calls. A batch of layers is split over threads by cpu::split_blas, which sets MKL sequential in each
+// thread first (plain LAPACK inside at::parallel_for makes MKL open its own thread team there, which spins forever).
 // lora_ops::_merge_lowrank_jacobi is the same merge with the CUDA backend's Jacobi core SVD: a test-only op.
 #include <ATen/ATen.h>
 #include <torch/library.h>

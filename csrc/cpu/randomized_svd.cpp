@@ -1,5 +1,5 @@
 // randomized_svd on CPU: csrc/common/lowrank.cpp's sketch + power iterations with Householder QR as batched ATen
-// calls, a batch split over threads by cpu::split_blas (never inside at::parallel_for: see merge_lowrank.cpp); the
+// calls, a batch split over threads by cpu::split_blas (MKL sequential per thread: see merge_lowrank.cpp); the
 // test matrices come from a CPU generator seeded with `seed` before the split, so a seed fixes the result.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
