@@ -569,23 +569,35 @@ def _collate(rows: Sequence[dict], pad_id: int, device) -> Tuple[torch.Tensor, t
     return ids.to(device), mask.to(device), att.to(device)
 
 
-def row_ce_sums(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def row_ce_sums(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, att: torch.Tensor,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-row sums ``[B]`` (float32) of the cross-entropy of predicting ``ids[:, 1:]`` where ``mask[:, 1:]`` is on.
 
-    Only the positions that carry loss go through the softmax, as one contiguous ``[n, vocab]`` block: with a
-    large vocabulary the cross-entropy costs as much as several decoder layers, and prompt tokens carry none.
+    Only the positions that carry loss go through the vocabulary head (a forward pre-hook on the model's output
+    embedding selects their hidden states), so the model's ``logits`` come out as one ``[n, vocab]`` block: with a
+    large vocabulary the head and its softmax cost as much as several decoder layers, prompt tokens carry no loss,
+    and the full ``[B, L, vocab]`` logits (and their zero-filled gradient) are never built. The model still runs its
+    own forward (DDP and FSDP hooks included); anything it applies after the head must be elementwise (soft-capping,
+    scaling), as in transformers' causal LMs.
     """
     on = mask[:, 1:]
-    picked = logits[:, :-1][on].float()
-    ce = torch.nn.functional.cross_entropy(picked, ids[:, 1:][on], reduction="none")
+    keep = torch.zeros_like(mask)
+    keep[:, :-1] = on
+    head = getattr(model, "module", model).get_output_embeddings()  # DDP keeps the model in .module
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][keep],) + tuple(args[1:]))
+    try:
+        inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids}
+        logits = model(**inputs, attention_mask=att, use_cache=False).logits
+    finally:
+        hook.remove()
+    ce = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][on], reduction="none")
     rows = on.nonzero(as_tuple=True)[0]
     return torch.zeros(ids.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
 
 
 def _loss_sums(model, ids, mask, att, owner: torch.Tensor, n: int) -> torch.Tensor:
     """Per-adapter sums of the token cross-entropy over this rank's rows, ``[N]`` float32 (differentiable)."""
-    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
-    row = row_ce_sums(logits, ids, mask)
+    row = row_ce_sums(model, ids, mask, att)
     return torch.zeros(n, dtype=row.dtype, device=row.device).index_add(0, owner, row)
 
 

@@ -71,6 +71,31 @@ def test_micro_batches_accumulate_the_whole_step(setup, tmp_path, micro):
         assert parts["loss"][spec["name"]] == pytest.approx(whole["loss"][spec["name"]], rel=1e-5)
 
 
+def test_row_ce_sums_equals_cross_entropy_of_full_logits(setup):
+    """Only loss positions go through the head: same per-row sums (and gradients) as CE over the full logits."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(setup["base"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 9), generator=g)
+    att = torch.ones_like(ids)
+    att[2, 6:] = 0  # a padded row
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, 4:] = True  # an answer after a prompt
+    mask[1] = True  # a text row
+    mask[2, 2:6] = True
+    got = job.row_ce_sums(model, ids, mask, att)
+    assert model.get_output_embeddings()._forward_pre_hooks == {}  # the hook is gone again
+    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    want = (ce * mask[:, 1:]).sum(1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = model.get_input_embeddings().weight
+    g_got = torch.autograd.grad(got.sum(), w)[0]
+    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    g_want = torch.autograd.grad((ce * mask[:, 1:]).sum(), w)[0]
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
 def test_micro_batch_chunks_match_across_ranks():
     # 7 rows over 2 ranks (4 and 3), at most 2 rows per pass: both ranks make 2 passes
     assert job._micro_batches([0, 2, 4, 6], 2, 7, 2) == [[0, 2], [4, 6]]

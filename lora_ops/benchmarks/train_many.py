@@ -6,7 +6,8 @@ steps on the same rows (each adapter's own ``DataStream``), with per-adapter bat
 - ``lora_ops``: the ``lora_ops.train`` job itself (one process, or ``processes`` under torchrun with DDP); the time
   per step is read from its own log (steps after the warm-up);
 - ``peft``: one PEFT model per adapter trained alone, one after the other (what one-adapter-per-job tooling does),
-  same loss, AdamW and gradient clipping; its time per step is the sum over adapters;
+  same loss (``lora_ops.train.row_ce_sums``: only loss positions go through the vocabulary head, as in the job),
+  AdamW and gradient clipping; its time per step is the sum over adapters;
 - ``base``: the frozen base alone, forward + backward (activation gradients) over the job's whole batch: the
   floor of any multi-adapter job, so ``peft / base`` bounds the speed-up a multi-adapter job can reach.
 
@@ -179,8 +180,7 @@ def _time_peft(base_dir: str, cfg: dict, warmup: int, reps: int) -> tuple:
             if step == warmup:
                 t0 = time.perf_counter()
             ids, mask, att = collate(stream.batch(step), tok.pad_id)
-            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
-            loss = row_ce_sums(logits, ids, mask).sum() / mask[:, 1:].sum().clamp(min=1)
+            loss = row_ce_sums(model, ids, mask, att).sum() / mask[:, 1:].sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -213,9 +213,8 @@ def _time_base(base_dir: str, cfg: dict, warmup: int, reps: int) -> float:
             t0 = time.perf_counter()
         for ids, mask, att in passes:  # the job's micro-batches
             x = emb(ids).detach().requires_grad_()
-            logits = model(inputs_embeds=x, attention_mask=att, use_cache=False).logits
-            (row_ce_sums(logits, ids, mask).sum() / count).backward()
-            del x, logits
+            (row_ce_sums(model, ids, mask, att, inputs_embeds=x).sum() / count).backward()
+            del x
     return (time.perf_counter() - t0) / reps
 
 
