@@ -12,7 +12,8 @@
     lora-ops reproduce ilora|seeded-lora|moa|modular [--quick] [--real | --data DIR --model DIR] [--out DIR]
     lora-ops assets fetch|status [--cache-dir DIR] [--json]
     lora-ops eval --task bigbench:NAME|PATH/task.json [--model DIR] [--adapter PEFT_DIR] [--limit N] [--json]
-    lora-ops train CONFIG [--resume] [--no-progress] [--threads N] [--device cpu|cuda]   (also under torchrun)
+    lora-ops train CONFIG [--resume] [--no-progress] [--threads N] [--device cpu|cuda] [--default-malloc]
+                                                                                          (also under torchrun)
 
 ``bench`` has one sub-command per benchmark kind (grouped, merge, svd, arrow, train, model, all). Further top-level
 commands (``merge``, ``reproduce``) get their own sub-parser next to
@@ -374,6 +375,10 @@ def _bench_merge_or_svd(args) -> int:
     out = _prepare_out_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        from lora_ops.train import keep_freed_memory
+
+        keep_freed_memory()
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
@@ -599,6 +604,8 @@ def _add_train_command(commands) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available and built, else cpu")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (by default this process keeps freed memory for reuse)")
     p.set_defaults(handler=_train)
 
 

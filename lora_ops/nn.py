@@ -211,14 +211,16 @@ class AdapterBank(nn.Module):
         return f"n={len(self)}, r={self.rank}, d_in={self.d_in}, d_out={self.d_out}, names={self.names}"
 
 
-def add_delta(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``result + delta`` in result's dtype; in place when no autograd graph is recorded (saves an allocation of
-    the layer's whole output, measured as a sizeable share of the LoRA cost on CPU)."""
+def add_delta(result: torch.Tensor, delta: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
+    """``result + delta`` in result's dtype; in place when no autograd graph is recorded, or when ``owned`` says
+    that nothing saved ``result`` for backward (a plain ``nn.Linear`` output: its backward keeps the input and the
+    weight only). In place saves an allocation of the layer's whole output, a sizeable share of the LoRA cost on
+    CPU, where every fresh tensor of that size is page-faulted in again."""
     delta = delta.to(result.dtype)
     if torch.compiler.is_compiling():
         return result + delta  # dynamo cannot trace the mode checks; inductor fuses the add anyway
-    if torch.is_inference_mode_enabled() or not (torch.is_grad_enabled() and (result.requires_grad
-                                                                              or delta.requires_grad)):
+    if (owned and result.dtype == delta.dtype and not result._is_view()) or torch.is_inference_mode_enabled() or not (
+            torch.is_grad_enabled() and (result.requires_grad or delta.requires_grad)):
         return result.add_(delta)
     return result + delta
 
@@ -317,7 +319,7 @@ class MultiLoRALinear(nn.Module):
         h = lora_input(self.lora_dropout(x), bank.lora_a.dtype)
         delta = op(h, bank.lora_a, bank.lora_b, ids, scales=bank.scales, weights=weights,
                                  check_ids=self.check_ids)
-        return add_delta(result, delta)
+        return add_delta(result, delta, owned=type(self.base) is nn.Linear)
 
     @torch.no_grad()
     def merge(self, name_or_index: Union[str, int]) -> None:

@@ -3,8 +3,9 @@
 Every case trains N adapters (rank 16, alpha 32, every q/k/v/o/gate/up/down projection) for ``warmup + reps``
 steps on the same rows (each adapter's own ``DataStream``), with per-adapter batches of ``rows × seq`` tokens:
 
-- ``lora_ops``: the ``lora_ops.train`` job itself (one process, or ``processes`` under torchrun with DDP); the time
-  per step is read from its own log (steps after the warm-up);
+- ``lora_ops``: the ``lora-ops train`` job itself, in its own process (one, or ``processes`` under torchrun with
+  DDP), as users run it: with its default allocator setting (``lora_ops.train.keep_freed_memory``; PEFT and the
+  base run in this process with glibc's defaults); the time per step is read from its own log (after the warm-up);
 - ``peft``: one PEFT model per adapter trained alone, one after the other (what one-adapter-per-job tooling does),
   same loss (``lora_ops.train.row_ce_sums``: only loss positions go through the vocabulary head, as in the job),
   AdamW and gradient clipping; its time per step is the sum over adapters;
@@ -143,19 +144,20 @@ def _step_seconds(log_path: Path, warmup: int) -> tuple:
 
 
 def _time_job(cfg: dict, folder: Path, case: TrainManyCase, warmup: int, threads: int) -> tuple:
-    from lora_ops import train
-
-    if case.processes == 1:
-        summary = train.train(train.parse_config(cfg), progress=False)
-        return _step_seconds(Path(summary["log"]), warmup)
     path = folder / f"{case.name}.json"
     path.write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(case.processes),
-           "-m", "lora_ops.cli", "train", str(path), "--no-progress", "--device", "cpu",
+    # the job as users run it: `lora-ops train` in its own process (its allocator setting stays out of this one)
+    launch = ["torch.distributed.run", "--standalone", "--nproc_per_node", str(case.processes), "-m"] \
+        if case.processes > 1 else []
+    cmd = [sys.executable, "-m", *launch, "lora_ops.cli", "train", str(path), "--no-progress", "--device", "cpu",
            "--threads", str(max(1, threads // case.processes))]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    root = str(Path(__file__).resolve().parents[2])  # this lora_ops, also when it is not installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    if case.processes > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"torchrun failed: {done.stderr[-2000:]}")
+        raise RuntimeError(f"lora-ops train failed: {done.stderr[-2000:]}")
     return _step_seconds(Path(cfg["out"]) / "train_log.jsonl", warmup)
 
 
