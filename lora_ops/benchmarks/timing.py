@@ -127,7 +127,7 @@ def synchronized(fn: Callable[[], Any], device: str | torch.device) -> Callable[
 
 
 class OtherCpuMeter:
-    """Share of the machine's CPU time used by anything but this process since the meter was made.
+    """Share of the machine's CPU time used by anything but this process (and its children) since the meter was made.
 
     On a shared machine a neighbour's compile job can inflate CPU timings many-fold (OpenMP threads wait for a
     descheduled peer), so every result records this next to its timings. Linux only (``/proc/stat``); ``share()``
@@ -137,15 +137,23 @@ class OtherCpuMeter:
     def __init__(self):
         self._wall = time.perf_counter()
         self._busy = _machine_busy_seconds()
-        self._own = time.process_time()
+        self._own = _own_seconds()
 
     def share(self) -> float | None:
         busy = _machine_busy_seconds()
         if busy is None or self._busy is None:
             return None
         wall = time.perf_counter() - self._wall
-        others = (busy - self._busy) - (time.process_time() - self._own)
+        others = (busy - self._busy) - (_own_seconds() - self._own)
         return round(min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1)))), 3)
+
+
+def _own_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (a benchmark's own subprocesses)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _machine_busy_seconds() -> float | None:
