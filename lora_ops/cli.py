@@ -375,10 +375,6 @@ def _bench_merge_or_svd(args) -> int:
     out = _prepare_out_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.default_malloc:
-        from lora_ops.train import keep_freed_memory
-
-        keep_freed_memory()
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
@@ -614,6 +610,10 @@ def _train(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        from lora_ops.train import keep_freed_memory
+
+        keep_freed_memory()
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
