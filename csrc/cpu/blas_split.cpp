@@ -67,12 +67,10 @@ void split_blas_items(int64_t n, const std::function<void(int64_t)>& fn) {
   // Every thread of the team takes the next item until none is left (items come largest first).
   std::atomic<int64_t> next{0};
   const at::ThreadLocalState state;
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard caller(state);
     const SequentialMkl sequential;
-    for (int64_t t = first; t < last; ++t) {
-      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
-    }
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
   });
 }
 

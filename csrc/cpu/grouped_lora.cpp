@@ -5,8 +5,8 @@
 // - long groups (>= cpu::kGemmPairs pairs: prefill sequences, training batches): two BLAS GEMMs through ATen,
 //     h = f ⊙ (X_g A_iᵀ), Y_g += h B_iᵀ, on views of x and the output when the group is one run of consecutive
 //     rows, else on gathered rows. They are called one group at a time from the serial loop, so BLAS threads each
-//     GEMM itself, or (k = 1: disjoint rows) side by side through cpu::split_blas_items, which sets MKL sequential
-//     in each thread (MKL's threaded path inside at::parallel_for hangs).
+//     GEMM itself, or (k = 1: disjoint rows) side by side through cpu::run_groups, which sets MKL sequential in
+//     each thread (MKL's threaded path inside at::parallel_for hangs).
 // - short groups (decode batches), pure loops under at::parallel_for:
 //     shrink: h[p] = scale[id] * w[p] * (A[id] @ x[row(p)])   work items = (group, chunk of <= kChunk pairs)
 //     expand: y[row(p)] += B[id] @ h[p]                        work items = tiles of kTile output columns
@@ -21,7 +21,6 @@
 #include <vector>
 
 #include "../common/grouped_lora_args.h"
-#include "blas_split.h"
 #include "grouping.h"
 #include "loops.h"
 
@@ -36,7 +35,7 @@ using cpu::kTile;
 constexpr int64_t kChunk = 16;  // pairs per shrink work item: splits one long group over threads
 
 // One long group through two BLAS GEMMs in acc_t (fp16/bf16 rows are converted while gathered). Called from the
-// serial loop or through cpu::split_blas_items (groups with disjoint output rows only).
+// serial loop or side by side through cpu::run_groups (groups with disjoint output rows only).
 template <typename scalar_t>
 void gemm_group(const GroupedLoraProblem& p, const int64_t* pairs, int64_t n, int64_t adapter,
                 const at::opmath_type<scalar_t>* scales, const at::opmath_type<scalar_t>* weights, at::Tensor& acc) {
@@ -96,19 +95,10 @@ void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
   // ---- long groups: BLAS ----
   std::vector<Group> groups, longs;  // short ones for the loops below, long ones for BLAS
   for (const Group& g : all_groups) (g.end - g.begin >= kGemmPairs ? longs : groups).push_back(g);
-  auto run_long = [&](int64_t i) {
-    const Group& g = longs[i];
+  // k = 1: every row is one pair, so the groups write disjoint rows and run side by side
+  cpu::run_groups(longs, k == 1, [&](const Group& g) {
     gemm_group<scalar_t>(p, order.data() + g.begin, g.end - g.begin, g.adapter, scales, weights, acc);
-  };
-  if (k == 1) {
-    // Every row is one pair: groups write disjoint rows, so they run side by side, largest first, each with
-    // sequential BLAS (small GEMMs gain little from BLAS's own threads and pay its fork / join every call).
-    std::stable_sort(longs.begin(), longs.end(),
-                     [](const Group& a, const Group& b) { return a.end - a.begin > b.end - b.begin; });
-    cpu::split_blas_items(static_cast<int64_t>(longs.size()), run_long);
-  } else {
-    for (int64_t i = 0; i < static_cast<int64_t>(longs.size()); ++i) run_long(i);  // top-k rows overlap: serial
-  }
+  });
   if (groups.empty()) {
     if (!acc.is_same(out)) out.copy_(acc);
     return;

@@ -6,7 +6,7 @@
 // consecutive rows (a training sequence, k = 1) is used in place: views of x, dy and dx. Any other group gathers
 // its x / dy rows into contiguous blocks (fp32 for half inputs) and scatters its dx rows back (added for top-k).
 // Either way every product is one GEMM through ATen that reads A_i / B_i once: five GEMMs per group, no per-row
-// copy of A or B. Groups run side by side through cpu::split_blas_items when k = 1 (MKL set sequential in each
+// copy of A or B. Groups run side by side through cpu::run_groups when k = 1 (MKL set sequential in each
 // thread: its threaded path inside at::parallel_for spins forever), else one after another, BLAS-threaded.
 // Every group writes disjoint memory (its rows of the sorted h / g buffers, dA_i, dB_i, its dx rows).
 #include <ATen/ATen.h>
@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "../common/grouped_lora_args.h"
-#include "blas_split.h"
 #include "grouping.h"
 
 namespace lora_ops {
@@ -74,7 +73,7 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     at::Tensor hfs = need_b ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * h
     at::Tensor gfs = (need_x || need_a) ? at::empty({n_valid, p.r}, acc) : at::Tensor();  // f * g
     // Each group's five products are whole-group BLAS GEMMs. Outputs are disjoint per group when k = 1, so groups
-    // run side by side (largest first, sequential BLAS each, cpu::split_blas_items); top-k groups share dx rows and
+    // run side by side (largest first, sequential BLAS each, cpu::run_groups); top-k groups share dx rows and
     // run one at a time, BLAS threading each GEMM.
     auto run_group = [&](const cpu::Group& grp) {
       const int64_t i = grp.adapter, b = grp.begin, n = grp.end - b;
@@ -129,15 +128,7 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
         }
       }
     };
-    if (p.k == 1) {
-      std::vector<cpu::Group> by_size(groups);
-      std::stable_sort(by_size.begin(), by_size.end(), [](const cpu::Group& a, const cpu::Group& b) {
-        return a.end - a.begin > b.end - b.begin;
-      });
-      cpu::split_blas_items(static_cast<int64_t>(by_size.size()), [&](int64_t g) { run_group(by_size[g]); });
-    } else {
-      for (const cpu::Group& grp : groups) run_group(grp);
-    }
+    cpu::run_groups(groups, p.k == 1, run_group);
 
     if (need_w) gw.index_copy_(0, pairs, (gs * hs).sum(1) * scale);
   }

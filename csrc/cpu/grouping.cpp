@@ -5,7 +5,20 @@
 
 #include <algorithm>
 
+#include "blas_split.h"
+
 namespace lora_ops::cpu {
+
+void run_groups(const std::vector<Group>& groups, bool disjoint, const std::function<void(const Group&)>& fn) {
+  if (!disjoint) {
+    for (const Group& g : groups) fn(g);
+    return;
+  }
+  std::vector<Group> by_size(groups);
+  std::stable_sort(by_size.begin(), by_size.end(),
+                   [](const Group& a, const Group& b) { return a.end - a.begin > b.end - b.begin; });
+  split_blas_items(static_cast<int64_t>(by_size.size()), [&](int64_t i) { fn(by_size[i]); });
+}
 
 void group_pairs(const int64_t* ids, int64_t P, int64_t N, std::vector<int64_t>& order, std::vector<Group>& groups) {
   order.clear();

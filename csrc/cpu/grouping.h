@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -20,6 +21,11 @@ void group_pairs(const int64_t* ids, int64_t P, int64_t N, std::vector<int64_t>&
 // Measured with one thread, r = 16, d = 2048: groups of 64 scattered rows ran 2x faster through BLAS (gathered),
 // 2048-row runs 1.5-2x; decode groups of ~8 rows stay on the loops, which read A and B once and are memory-bound.
 constexpr int64_t kGemmPairs = 32;
+
+// Calls fn on every group. When the groups write disjoint memory (k = 1: each row is one pair), they run side by
+// side, largest first, with sequential BLAS each (cpu::split_blas_items): small GEMMs gain little from BLAS's own
+// threads and pay its fork / join on every call. Otherwise (top-k rows shared by groups) one after another, in order.
+void run_groups(const std::vector<Group>& groups, bool disjoint, const std::function<void(const Group&)>& fn);
 
 // dst[i] = src[rows[i]] converted to dst's dtype for i < rows.size() (a gather into a contiguous block); with
 // `scatter`, dst[rows[i]] = src[i] instead (rows distinct). src and dst are contiguous 2-D tensors of equal width.
