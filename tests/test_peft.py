@@ -223,6 +223,15 @@ def test_accelerate_parity_and_routing(base_model, counted):
         want2 = model(tokens, adapter_names=batch2).logits
         assert len(counted) == n
         assert (got2 - want2).abs().max().item() <= 1e-5
+        # our method removed from the instance while the saved original stays (a benchmark's toggle did this):
+        # accelerate must put it back, not trust the leftover marker and silently leave PEFT's path in place
+        accelerate(model)
+        for mod in model.modules():
+            mod.__dict__.pop("_mixed_batch_forward", None)
+        accelerate(model)
+        got3 = model(tokens, adapter_names=batch2).logits
+        assert len(counted) == n + 14
+        assert (got3 - want2).abs().max().item() <= 1e-5
 
 
 def test_accelerate_keeps_gradients_exact(base_model, counted):

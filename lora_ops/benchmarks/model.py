@@ -229,8 +229,11 @@ def build_workload(base: torch.nn.Module, folders: dict, n: int, *, previous: Op
             pm.load_adapter(str(folders[name]), adapter_name=name)
     pm.eval()
     accelerate(pm)
-    fast = [(layer, layer.__dict__["_mixed_batch_forward"]) for _, layer in _peft_lora_layers(pm)
+    layers = [layer for _, layer in _peft_lora_layers(pm)]
+    fast = [(layer, layer.__dict__["_mixed_batch_forward"]) for layer in layers
             if "_mixed_batch_forward" in layer.__dict__]
+    if len(fast) != len(layers):  # "accelerated" would silently time PEFT's own path
+        raise RuntimeError(f"accelerate left {len(layers) - len(fast)} of {len(layers)} LoRA layers on PEFT's path")
     banks = load_adapters({name: folders[name] for name in names}, trainable=True, device=device)
     wrapped = wrap(_sharing_copy(base), banks)
     return Workload(n, base, pm, wrapped, names, fast)
