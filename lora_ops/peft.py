@@ -264,32 +264,50 @@ def save_adapter(banks_or_model, name: str, path: Union[str, os.PathLike],
 
 
 class _Stacked:
-    """A PEFT LoRA layer's adapters stacked once, with what is needed to tell whether the stack is still current
-    and which adapters grouped_lora reproduces exactly (no variant, no LoRA bias)."""
+    """What accelerate keeps per PEFT LoRA layer: the adapters' order, scales and which of them grouped_lora
+    reproduces exactly (no variant, no LoRA bias), valid while the adapter set is unchanged; and the factors stacked
+    once for calls without gradients, valid while the weights are unchanged (checked separately, so a training step,
+    whose weights change every step, never pays for that copy)."""
 
     def __init__(self, layer):
         self.names = tuple(layer.lora_A.keys())
         self.scaling = dict(layer.scaling)
         self.params = [p for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
-        self.stamp = _stamp(self.params)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.routed = None  # (key, ids, used adapters) of the last batch composition (see route)
         variants = getattr(layer, "lora_variant", {})
         self.plain = frozenset(n for n in self.names if n not in variants and layer.lora_B[n].bias is None)
         self.dropout = {n: getattr(layer.lora_dropout[n], "p", 0.0) if isinstance(layer.lora_dropout[n], nn.Dropout)
                         else 0.0 for n in self.names}
-        with torch.no_grad():
-            bank = AdapterBank.from_adapters(OrderedDict(
-                (n, (layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])) for n in self.names))
-        self.lora_a, self.lora_b, self.scales = bank.lora_a.data, bank.lora_b.data, bank.scales
+        self.equal_ranks = len({p.shape[0] for p in self.params[::2]}) == 1
+        self.stamp, self.stack = None, None
 
     def current(self, layer) -> bool:
-        # adding / deleting adapters changes the names, loading weights into them bumps the version (in-place
-        # copy) or moves the storage. This runs for every LoRA layer of every forward (of every decoding step):
-        # the stamp is compared with C-level maps, not a Python loop over the 2N parameters (that loop cost
-        # about as much as the grouped_lora call itself at decode shapes)
-        return (tuple(layer.lora_A.keys()) == self.names and layer.scaling == self.scaling
-                and _stamp(self.params) == self.stamp)
+        # runs for every LoRA layer of every forward (of every decoding step): no Python loop over the adapters
+        return tuple(layer.lora_A.keys()) == self.names and layer.scaling == self.scaling
+
+    def values(self) -> tuple:
+        """(A [N, r, d_in], B [N, d_out, r], scales [N]), detached: restacked when a weight was loaded into (its
+        version moves) or moved (its storage changes). The stamp is compared with C-level maps: a Python loop over
+        the 2N parameters cost about as much as the grouped_lora call itself at decode shapes."""
+        stamp = _stamp(self.params)
+        if stamp != self.stamp:
+            with torch.no_grad():
+                bank = AdapterBank.from_adapters(OrderedDict(
+                    (n, (a, b, self.scaling[n])) for n, a, b in zip(self.names, self.params[::2], self.params[1::2])))
+            self.stack, self.stamp = (bank.lora_a.data, bank.lora_b.data, bank.scales), stamp
+        return self.stack
+
+    def differentiable(self) -> tuple:
+        """The same stack built by autograd-tracked ops, so gradients reach PEFT's own parameters (training): one
+        ``stack`` per factor when the ranks agree (the usual case: one node each way), zero-padding otherwise."""
+        a, b = self.params[::2], self.params[1::2]
+        if not self.equal_ranks:
+            r = max(t.shape[0] for t in a)
+            a = [nn.functional.pad(t, (0, 0, 0, r - t.shape[0])) for t in a]
+            b = [nn.functional.pad(t, (0, r - t.shape[1])) for t in b]
+        scales = torch.tensor([float(self.scaling[n]) for n in self.names], dtype=a[0].dtype, device=a[0].device)
+        return torch.stack(a), torch.stack(b), scales
 
     def route(self, adapter_names: List[str], x: torch.Tensor):
         """(ids expanded over x's leading dims, set of adapters used) of this batch composition: built once, then
@@ -327,18 +345,6 @@ def _fast_path_ok(layer, st: _Stacked, used: set) -> bool:
     return not layer.training or all(st.dropout[n] == 0 for n in used)
 
 
-def _differentiable_bank(layer):
-    """The bank stacked with autograd-tracked ops, so gradients reach PEFT's own parameters (training)."""
-    names = list(layer.lora_A.keys())
-    r = max(layer.lora_A[n].weight.shape[0] for n in names)
-    a = torch.stack([nn.functional.pad(layer.lora_A[n].weight, (0, 0, 0, r - layer.lora_A[n].weight.shape[0]))
-                     for n in names])
-    b = torch.stack([nn.functional.pad(layer.lora_B[n].weight, (0, r - layer.lora_B[n].weight.shape[1]))
-                     for n in names])
-    scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=a.dtype, device=a.device)
-    return {n: i for i, n in enumerate(names)}, a, b, scales
-
-
 def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: List[str], **kwargs: Any) -> torch.Tensor:
     """Drop-in for PEFT's ``Linear._mixed_batch_forward``: one ``grouped_lora`` call instead of a loop over adapters."""
     st = _stacked(self)
@@ -351,7 +357,7 @@ def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: List[
     result = self.base_layer(x, *args, **kwargs)
     # inference: the cached copy; training: a fresh differentiable stack (same adapter order, so the same ids),
     # so gradients reach PEFT's parameters
-    _, lora_a, lora_b, scales = _differentiable_bank(self) if grad else (None, st.lora_a, st.lora_b, st.scales)
+    lora_a, lora_b, scales = st.differentiable() if grad else st.values()
     # ids come from the bank's own index: always valid, so no range check (and no reduction) is needed
     delta = ops.grouped_lora(lora_input(x, lora_a.dtype), lora_a, lora_b, ids, scales=scales, check_ids=False)
     return add_delta(result, delta)

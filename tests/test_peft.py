@@ -234,11 +234,12 @@ def test_accelerate_parity_and_routing(base_model, counted):
         assert (got3 - want2).abs().max().item() <= 1e-5
 
 
-def test_accelerate_keeps_gradients_exact(base_model, counted):
+@pytest.mark.parametrize("rank_y", [4, 2])  # mixed ranks (zero-padded stack) and equal ranks (plain stack)
+def test_accelerate_keeps_gradients_exact(base_model, counted, rank_y):
     """With gradients enabled the accelerated call must still give PEFT's outputs and gradients."""
     torch.manual_seed(2)
     model = peft.get_peft_model(copy.deepcopy(base_model), _lora(2, 4), adapter_name="x")
-    model.add_adapter("y", _lora(4, 8))
+    model.add_adapter("y", _lora(rank_y, 2 * rank_y))
     model.eval()
     tokens = _tokens(2, 4)
     batch = ["x", "y"]
