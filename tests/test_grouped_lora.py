@@ -70,6 +70,24 @@ def test_long_groups_blas_path(device, dtype, k, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_outside_long_groups_are_zero_filled(device, dtype):
+    # The CPU kernel does not zero its output up front: k = 1 long groups write their rows whole (a 40-row run in
+    # place, two 40-row scattered groups by a scatter). Rows of invalid ids and of a short group must still come out
+    # exact; NaN-filled memory freed just before makes a row that nobody wrote visible.
+    ids = torch.tensor([0] * 40 + [-1] * 5 + [1, 2] * 40 + [3] * 5 + [-1] * 4, device=device)
+    x = torch.randn(len(ids), 24, device=device, dtype=dtype)
+    a, b = make_bank(4, 8, 24, 40, dtype, device)
+    want = reference.grouped_lora(x, a, b, ids, compute_dtype=torch.float64)
+    for _ in range(3):
+        torch.full((len(ids), 40), float("nan"), device=device, dtype=dtype)  # freed at once
+        out = lora_ops.grouped_lora(x, a, b, ids)
+        assert not out.isnan().any()
+        assert out[40:45].abs().max() == 0 and out[-4:].abs().max() == 0
+        assert_close_to_exact(out, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_defaults_without_scales_or_weights(device):
     run_case(device, torch.float32, (17,), 2, 4, 5, 19, 23, with_scales=False, with_weights=False)
 

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "blas_split.h"
 
@@ -52,6 +53,17 @@ void copy_rows(const at::Tensor& src, const std::vector<int64_t>& rows, at::Tens
         }
       });
     });
+  });
+}
+
+void zero_rows(at::Tensor& t, const std::vector<char>& written) {
+  const int64_t n = t.size(0), bytes = t.size(1) * static_cast<int64_t>(t.element_size());
+  char* base = static_cast<char*>(t.data_ptr());
+  // Pure loop: rows are disjoint per thread.
+  at::parallel_for(0, n, 64, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      if (!written[i]) std::memset(base + i * bytes, 0, bytes);
+    }
   });
 }
 

@@ -31,6 +31,9 @@ void run_groups(const std::vector<Group>& groups, bool disjoint, const std::func
 // `scatter`, dst[rows[i]] = src[i] instead (rows distinct). src and dst are contiguous 2-D tensors of equal width.
 void copy_rows(const at::Tensor& src, const std::vector<int64_t>& rows, at::Tensor& dst, bool scatter);
 
+// Zero-fills the rows i of the contiguous 2-D tensor t with !written[i] (all rows when written is all zeros).
+void zero_rows(at::Tensor& t, const std::vector<char>& written);
+
 // dst[rows[i]] += src[i] for i < rows.size(); rows may repeat (top-k rows with the same adapter in two slots).
 // dst and src share a floating dtype.
 void add_rows(const at::Tensor& src, const std::vector<int64_t>& rows, at::Tensor& dst);
