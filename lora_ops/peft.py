@@ -379,9 +379,9 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     for _, layer in _peft_lora_layers(peft_model):
         if not isinstance(layer, Linear):
             continue  # embeddings / convs keep PEFT's path
-        # keyed on the instance attribute itself, not on the saved original: whoever removed ours (a toggle that
-        # pops it to compare with PEFT's path) gets it back, and a second call never wraps ours in ours
-        if "_mixed_batch_forward" not in layer.__dict__:
+        # keyed on the method in place, not on the saved original: whoever removed ours (a toggle that pops it to
+        # compare with PEFT's path) gets it back, and a second call never wraps ours in ours
+        if getattr(layer.__dict__.get("_mixed_batch_forward"), "__func__", None) is not _mixed_batch_forward:
             layer._lora_ops_original_mixed = layer._mixed_batch_forward
             layer._mixed_batch_forward = types.MethodType(_mixed_batch_forward, layer)
         n += 1
