@@ -88,6 +88,26 @@ def test_rows_outside_long_groups_are_zero_filled(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("seq_ids", [[2, 0, 2, 1], [1, 1, 3, 0], [0, -1, 1, 2], [3, 3, 3, 3]])
+def test_equal_sequences_one_adapter_each(device, dtype, seq_ids):
+    # [B, S, d] with one adapter per sequence of >= 32 rows: on CPU two batched GEMMs over the sequences (fp32 /
+    # fp64, every id valid); a sequence without adapter must stay exactly zero (the general path takes it).
+    n_seq, seq_len = len(seq_ids), 40
+    x = torch.randn(n_seq, seq_len, 24, device=device, dtype=dtype)
+    a, b = make_bank(4, 8, 24, 40, dtype, device)
+    ids = torch.tensor(seq_ids, device=device)[:, None].expand(n_seq, seq_len)
+    scales = torch.rand(4, device=device) + 0.5
+    for weights in (None, torch.rand(n_seq, seq_len, device=device)):
+        out = lora_ops.grouped_lora(x, a, b, ids, scales=scales, weights=weights)
+        want = reference.grouped_lora(x, a, b, ids, scales=scales, weights=weights, compute_dtype=torch.float64)
+        assert_close_to_exact(out, want)
+        for s, i in enumerate(seq_ids):
+            if i < 0:
+                assert out[s].abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_defaults_without_scales_or_weights(device):
     run_case(device, torch.float32, (17,), 2, 4, 5, 19, 23, with_scales=False, with_weights=False)
 

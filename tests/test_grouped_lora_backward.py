@@ -212,6 +212,38 @@ def test_gradcheck_float64(device, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64_equal_sequences(device):
+    # three 32-row sequences with one adapter each: the CPU forward's batched-sequence path
+    x = torch.randn(3, 32, 3, device=device, dtype=torch.float64, requires_grad=True)
+    a, b = make_bank(2, 2, 3, 2, torch.float64, device)
+    a.requires_grad_(), b.requires_grad_()
+    ids = torch.tensor([1, 0, 1], device=device)[:, None].expand(3, 32)
+    w = torch.rand(3, 32, device=device, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(2, device=device, dtype=torch.float64) + 0.5
+    fn = lambda x, a, b, w: lora_ops.grouped_lora(x, a, b, ids, scales=s, weights=w)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a, b, w))
+    # only some gradients requested (the backward skips the products nobody needs)
+    assert torch.autograd.gradcheck(lambda x: lora_ops.grouped_lora(x, a.detach(), b.detach(), ids, scales=s), (x,))
+    assert torch.autograd.gradcheck(lambda b: lora_ops.grouped_lora(x.detach(), a.detach(), b, ids), (b,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_equal_sequences_grads_match_reference(device):
+    # four 40-row sequences, two sharing an adapter (their dA / dB add up), float32 against the reference's autograd
+    x = torch.randn(4, 40, 24, device=device, requires_grad=True)
+    a, b = make_bank(3, 8, 24, 40, torch.float32, device)
+    a.requires_grad_(), b.requires_grad_()
+    ids = torch.tensor([2, 0, 2, 1], device=device)[:, None].expand(4, 40)
+    w = torch.rand(4, 40, device=device, requires_grad=True)
+    s = torch.rand(3, device=device) + 0.5
+    go = torch.randn(4, 40, 40, device=device)
+    got = torch.autograd.grad(lora_ops.grouped_lora(x, a, b, ids, scales=s, weights=w), (x, a, b, w), go)
+    want = torch.autograd.grad(reference.grouped_lora(x, a, b, ids, scales=s, weights=w), (x, a, b, w), go)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_forward_with_grad_and_backward_op(device):
     x = torch.randn(11, 24, device=device, requires_grad=True)
     a, b = make_bank(4, 3, 24, 10, device=device)

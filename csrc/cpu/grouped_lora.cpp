@@ -1,5 +1,7 @@
 // grouped_lora on CPU.
 //
+// A batch of equal sequences with one valid adapter each (fp32 / fp64, cpu::equal_sequences: prefill and training
+// batches of [B, S, d]) runs as two batched GEMMs over the sequences (sequences_bmm). Otherwise:
 // Rows are grouped by adapter (a stable sort of the valid (row, slot) pairs), so each adapter's A and B are read
 // once per group however the ids are spread. Two paths, chosen per group by its pair count:
 // - long groups (>= cpu::kGemmPairs pairs: prefill sequences, training batches): two BLAS GEMMs through ATen,
@@ -73,6 +75,24 @@ void gemm_group(const GroupedLoraProblem& p, const int64_t* pairs, int64_t n, in
   }
 }
 
+// Equal sequences (cpu::equal_sequences) through two batched GEMMs over the G blocks, each block's A and B gathered (G·r·(d_in +
+// d_out) values, small next to x): BLAS threads the batch. Run as G separate small GEMM pairs, the set-up of each
+// small GEMM decided the speed at model sizes (16 x 128 rows, d 576: 0.6-1.9 ms against 0.5 ms for bmm).
+void sequences_bmm(const GroupedLoraProblem& p, int64_t L, at::Tensor& out) {
+  const int64_t G = p.T / L;
+  const at::Tensor seq_ids = p.ids.view(-1).slice(0, 0, p.T, L).contiguous();  // [G]: each block's id
+  const at::Tensor a = p.lora_a.index_select(0, seq_ids);          // [G, r, d_in]
+  const at::Tensor b = p.lora_b.index_select(0, seq_ids);          // [G, d_out, r]
+  at::Tensor h = at::bmm(p.x.view({G, L, p.d_in}), a.transpose(1, 2));  // [G, L, r]
+  // scale and mixture weight on the [.., r] result, as the other paths do (r / d_out of the work on the output)
+  at::Tensor f = p.scales.defined() ? p.scales.index_select(0, seq_ids).view({G, 1, 1})
+                                    : at::ones({G, 1, 1}, h.options());
+  if (p.weights.defined()) f = f * p.weights.view({G, L, 1});
+  h.mul_(f);
+  at::Tensor y = out.view({G, L, p.d_out});
+  at::bmm_out(y, h, b.transpose(1, 2));
+}
+
 template <typename scalar_t>
 void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -84,6 +104,12 @@ void grouped_lora_kernel(const GroupedLoraProblem& p, at::Tensor& out) {
   const acc_t* scales = p.scales.defined() ? p.scales.const_data_ptr<acc_t>() : nullptr;
   const acc_t* weights = p.weights.defined() ? p.weights.const_data_ptr<acc_t>() : nullptr;
 
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {  // fp16/bf16 rows need converting: the general path does it
+    if (const int64_t L = r > 0 ? cpu::equal_sequences(p) : 0) {
+      sequences_bmm(p, L, out);
+      return;
+    }
+  }
   std::vector<int64_t> order;
   std::vector<Group> all_groups;
   group_pairs(ids, P, p.N, order, all_groups);

@@ -9,6 +9,8 @@
 // copy of A or B. Groups run side by side through cpu::run_groups when k = 1 (MKL set sequential in each
 // thread: its threaded path inside at::parallel_for spins forever), else one after another, BLAS-threaded.
 // Every group writes disjoint memory (its rows of the sorted h / g buffers, dA_i, dB_i, its dx rows).
+// Equal sequences with one valid adapter each (cpu::equal_sequences, fp32 / fp64) take batched GEMMs over the
+// sequences instead, like the forward (sequences_backward).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +28,33 @@ namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using cpu::copy_rows;
+
+// The backward of the forward's batched-sequence path (cpu::equal_sequences, same-dtype inputs): the products as
+// batched GEMMs over the G sequences, each with its adapter's A and B gathered; dA / dB of sequences that share an
+// adapter are summed into it. Undefined gradient tensors are not requested.
+void sequences_backward(const GroupedLoraProblem& p, const at::Tensor& dy, int64_t L, at::Tensor& gx, at::Tensor& ga,
+                        at::Tensor& gb, at::Tensor& gw) {
+  const int64_t G = p.T / L;
+  const at::Tensor seq = p.ids.view(-1).slice(0, 0, p.T, L).contiguous();  // [G]: each sequence's id
+  const at::Tensor xs = p.x.view({G, L, p.d_in}), dys = dy.reshape({G, L, p.d_out});
+  const at::Tensor a = p.lora_a.index_select(0, seq), b = p.lora_b.index_select(0, seq);
+  const at::Tensor scale = p.scales.defined() ? p.scales.index_select(0, seq).view({G, 1, 1})
+                                              : at::ones({G, 1, 1}, xs.options());
+  const at::Tensor f = p.weights.defined() ? scale * p.weights.view({G, L, 1}) : scale;
+  const at::Tensor h = gb.defined() || gw.defined() ? at::bmm(xs, a.transpose(1, 2)) : at::Tensor();  // [G, L, r]
+  const at::Tensor g = gx.defined() || ga.defined() || gw.defined() ? at::bmm(dys, b) : at::Tensor();  // [G, L, r]
+  // dB as [r, L] x [L, d_out] per sequence, the faster shape here (see the group path below), then transposed
+  if (gb.defined()) gb.index_add_(0, seq, at::bmm((h * f).transpose(1, 2), dys).transpose(1, 2));
+  if (gx.defined() || ga.defined()) {
+    const at::Tensor gf = g * f;
+    if (gx.defined()) {
+      at::Tensor dx = gx.view({G, L, p.d_in});  // every row is written
+      at::bmm_out(dx, gf, a);
+    }
+    if (ga.defined()) ga.index_add_(0, seq, at::bmm(gf.transpose(1, 2), xs));
+  }
+  if (gw.defined()) gw.copy_(((g * h).sum(2) * scale.view({G, 1})).view(-1));
+}
 
 Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
                                 const at::Tensor& lora_b, const at::Tensor& adapter_ids,
@@ -54,7 +83,10 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     const bool every_row_written = p.k == 1 && static_cast<int64_t>(order.size()) == p.T && p.r > 0;
     gx = every_row_written ? at::empty({p.T, p.d_in}, acc) : at::zeros({p.T, p.d_in}, acc);
   }
-  if (!groups.empty() && p.r > 0 && (need_x || need_a || need_b || need_w)) {
+  const int64_t seq_len = x.dtype() == acc.dtype() && p.r > 0 ? cpu::equal_sequences(p) : 0;
+  if (seq_len > 0) {
+    sequences_backward(p, dy, seq_len, gx, ga, gb, gw);
+  } else if (!groups.empty() && p.r > 0 && (need_x || need_a || need_b || need_w)) {
     const int64_t n_valid = static_cast<int64_t>(order.size());
     const at::Tensor pairs = at::tensor(order, at::kLong);  // sorted pair order
     std::vector<int64_t> row_of(order);

@@ -21,6 +21,24 @@ void run_groups(const std::vector<Group>& groups, bool disjoint, const std::func
   split_blas_items(static_cast<int64_t>(by_size.size()), [&](int64_t i) { fn(by_size[i]); });
 }
 
+int64_t equal_sequences(const GroupedLoraProblem& p) {
+  const int64_t* ids = p.ids.const_data_ptr<int64_t>();
+  if (p.k != 1 || p.T < 2 * kGemmPairs) return 0;
+  int64_t L = 1;
+  while (L < p.T && ids[L] == ids[0]) ++L;
+  if (L < kGemmPairs || p.T % L != 0 || p.T == L) return 0;
+  // The batched path copies every sequence's A and B; past ~8 MiB of copies (d 2048, 64 sequences of 32 rows: 16
+  // MiB) the per-group GEMMs, which read each adapter in place, measured faster (5.3 against 7.2 ms).
+  if ((p.T / L) * p.r * (p.d_in + p.d_out) * p.lora_a.element_size() > (int64_t{8} << 20)) return 0;
+  for (int64_t g = 0; g < p.T; g += L) {
+    if (ids[g] < 0 || ids[g] >= p.N) return 0;  // an invalid block must stay exactly zero: the general path
+    for (int64_t i = g + 1; i < g + L; ++i) {
+      if (ids[i] != ids[g]) return 0;
+    }
+  }
+  return L;
+}
+
 void group_pairs(const int64_t* ids, int64_t P, int64_t N, std::vector<int64_t>& order, std::vector<Group>& groups) {
   order.clear();
   for (int64_t p = 0; p < P; ++p) {
