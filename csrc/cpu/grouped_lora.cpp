@@ -75,22 +75,16 @@ void gemm_group(const GroupedLoraProblem& p, const int64_t* pairs, int64_t n, in
   }
 }
 
-// Equal sequences (cpu::equal_sequences) through two batched GEMMs over the G blocks, each block's A and B gathered (G·r·(d_in +
-// d_out) values, small next to x): BLAS threads the batch. Run as G separate small GEMM pairs, the set-up of each
-// small GEMM decided the speed at model sizes (16 x 128 rows, d 576: 0.6-1.9 ms against 0.5 ms for bmm).
+// Equal sequences (cpu::equal_sequences) through two batched GEMMs over the G blocks, each block's A and B gathered
+// (G·r·(d_in + d_out) values, small next to x): BLAS threads the batch. Run as G separate small GEMM pairs, the set-up
+// of each small GEMM decided the speed at model sizes (16 x 128 rows, d 576: 0.6-1.9 ms against 0.5 ms for bmm).
 void sequences_bmm(const GroupedLoraProblem& p, int64_t L, at::Tensor& out) {
   const int64_t G = p.T / L;
-  const at::Tensor seq_ids = p.ids.view(-1).slice(0, 0, p.T, L).contiguous();  // [G]: each block's id
-  const at::Tensor a = p.lora_a.index_select(0, seq_ids);          // [G, r, d_in]
-  const at::Tensor b = p.lora_b.index_select(0, seq_ids);          // [G, d_out, r]
-  at::Tensor h = at::bmm(p.x.view({G, L, p.d_in}), a.transpose(1, 2));  // [G, L, r]
+  const cpu::SequenceOperands o = cpu::sequence_operands(p, L);
   // scale and mixture weight on the [.., r] result, as the other paths do (r / d_out of the work on the output)
-  at::Tensor f = p.scales.defined() ? p.scales.index_select(0, seq_ids).view({G, 1, 1})
-                                    : at::ones({G, 1, 1}, h.options());
-  if (p.weights.defined()) f = f * p.weights.view({G, L, 1});
-  h.mul_(f);
+  const at::Tensor h = at::bmm(p.x.view({G, L, p.d_in}), o.a.transpose(1, 2)).mul_(o.f);  // [G, L, r]
   at::Tensor y = out.view({G, L, p.d_out});
-  at::bmm_out(y, h, b.transpose(1, 2));
+  at::bmm_out(y, h, o.b.transpose(1, 2));
 }
 
 template <typename scalar_t>

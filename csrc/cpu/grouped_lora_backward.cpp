@@ -35,12 +35,9 @@ using cpu::copy_rows;
 void sequences_backward(const GroupedLoraProblem& p, const at::Tensor& dy, int64_t L, at::Tensor& gx, at::Tensor& ga,
                         at::Tensor& gb, at::Tensor& gw) {
   const int64_t G = p.T / L;
-  const at::Tensor seq = p.ids.view(-1).slice(0, 0, p.T, L).contiguous();  // [G]: each sequence's id
+  const cpu::SequenceOperands o = cpu::sequence_operands(p, L);
+  const at::Tensor &seq = o.ids, &a = o.a, &b = o.b, &f = o.f;
   const at::Tensor xs = p.x.view({G, L, p.d_in}), dys = dy.reshape({G, L, p.d_out});
-  const at::Tensor a = p.lora_a.index_select(0, seq), b = p.lora_b.index_select(0, seq);
-  const at::Tensor scale = p.scales.defined() ? p.scales.index_select(0, seq).view({G, 1, 1})
-                                              : at::ones({G, 1, 1}, xs.options());
-  const at::Tensor f = p.weights.defined() ? scale * p.weights.view({G, L, 1}) : scale;
   const at::Tensor h = gb.defined() || gw.defined() ? at::bmm(xs, a.transpose(1, 2)) : at::Tensor();  // [G, L, r]
   const at::Tensor g = gx.defined() || ga.defined() || gw.defined() ? at::bmm(dys, b) : at::Tensor();  // [G, L, r]
   // dB as [r, L] x [L, d_out] per sequence, the faster shape here (see the group path below), then transposed
@@ -53,7 +50,7 @@ void sequences_backward(const GroupedLoraProblem& p, const at::Tensor& dy, int64
     }
     if (ga.defined()) ga.index_add_(0, seq, at::bmm(gf.transpose(1, 2), xs));
   }
-  if (gw.defined()) gw.copy_(((g * h).sum(2) * scale.view({G, 1})).view(-1));
+  if (gw.defined()) gw.copy_(((g * h).sum(2) * o.scale.view({G, 1})).view(-1));
 }
 
 Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
@@ -75,15 +72,17 @@ Grads grouped_lora_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
   at::Tensor gb = need_b ? at::zeros(lora_b.sizes(), acc) : at::Tensor();
   at::Tensor gw = need_w ? at::zeros({p.T * p.k}, acc) : at::Tensor();
 
+  const int64_t seq_len = x.dtype() == acc.dtype() && p.r > 0 ? cpu::equal_sequences(p) : 0;
   std::vector<int64_t> order;
   std::vector<cpu::Group> groups;
-  group_pairs(p.ids.const_data_ptr<int64_t>(), p.T * p.k, p.N, order, groups);
+  if (seq_len == 0) group_pairs(p.ids.const_data_ptr<int64_t>(), p.T * p.k, p.N, order, groups);
   if (need_x) {
-    // k = 1 with every id valid (the usual training batch): the scatter below writes every row, no zero fill.
-    const bool every_row_written = p.k == 1 && static_cast<int64_t>(order.size()) == p.T && p.r > 0;
+    // k = 1 with every id valid (the usual training batch; equal sequences always are): every row is written
+    // below, no zero fill.
+    const bool every_row_written =
+        seq_len > 0 || (p.k == 1 && static_cast<int64_t>(order.size()) == p.T && p.r > 0);
     gx = every_row_written ? at::empty({p.T, p.d_in}, acc) : at::zeros({p.T, p.d_in}, acc);
   }
-  const int64_t seq_len = x.dtype() == acc.dtype() && p.r > 0 ? cpu::equal_sequences(p) : 0;
   if (seq_len > 0) {
     sequences_backward(p, dy, seq_len, gx, ga, gb, gw);
   } else if (!groups.empty() && p.r > 0 && (need_x || need_a || need_b || need_w)) {

@@ -39,6 +39,17 @@ int64_t equal_sequences(const GroupedLoraProblem& p) {
   return L;
 }
 
+SequenceOperands sequence_operands(const GroupedLoraProblem& p, int64_t L) {
+  const int64_t G = p.T / L;
+  SequenceOperands o;
+  o.ids = p.ids.view(-1).slice(0, 0, p.T, L).contiguous();
+  o.a = p.lora_a.index_select(0, o.ids);
+  o.b = p.lora_b.index_select(0, o.ids);
+  o.scale = p.scales.defined() ? p.scales.index_select(0, o.ids).view({G, 1, 1}) : at::ones({G, 1, 1}, p.x.options());
+  o.f = p.weights.defined() ? o.scale * p.weights.view({G, L, 1}) : o.scale;
+  return o;
+}
+
 void group_pairs(const int64_t* ids, int64_t P, int64_t N, std::vector<int64_t>& order, std::vector<Group>& groups) {
   order.clear();
   for (int64_t p = 0; p < P; ++p) {

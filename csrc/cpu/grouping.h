@@ -31,6 +31,13 @@ constexpr int64_t kGemmPairs = 32;
 // 271 to 206 ms, of a 16 x 32 training step from 550 to 494 ms (paired runs, 2 threads).
 int64_t equal_sequences(const GroupedLoraProblem& p);
 
+// The operands of that path for blocks of L rows: each block's adapter id [G], its A [G, r, d_in] and B [G, d_out, r]
+// (gathered), its scale [G, 1, 1] (ones without scales) and the per-row factor f = scale * weight [G, L, 1].
+struct SequenceOperands {
+  at::Tensor ids, a, b, scale, f;
+};
+SequenceOperands sequence_operands(const GroupedLoraProblem& p, int64_t L);
+
 // Calls fn on every group. When the groups write disjoint memory (k = 1: each row is one pair), they run side by
 // side, largest first, with sequential BLAS each (cpu::split_blas_items): small GEMMs gain little from BLAS's own
 // threads and pay its fork / join on every call. Otherwise (top-k rows shared by groups) one after another, in order.
